@@ -1,0 +1,3 @@
+"""hitq: run vision-language-model benchmarks as a durable job queue."""
+
+__version__ = "0.1.0"
