@@ -24,3 +24,22 @@ class Query:
     def template_key(self) -> str:
         """Prompt template: SubQType for Data Analysis, else QuestionType (both codebases)."""
         return self.sub_q_type if self.question_type == "Data Analysis" else self.question_type
+
+
+def prefix_key(modality: str, fmt: str, file_name: str, template_key: str) -> str:
+    """Jobs with equal keys share their prompt up to the question (task text, image, table)."""
+    import hashlib
+
+    return hashlib.sha1(f"{modality}\0{fmt}\0{file_name}\0{template_key}".encode()).hexdigest()[:16]
+
+
+def job_row(query: Query, modality: str, fmt: str, missing: str | None = None) -> dict:
+    """The queue row for `query`: pending, or error/missing_input with the reason."""
+    row = {
+        "query_id": query.id, "file_name": query.file_name, "question_type": query.question_type,
+        "sub_q_type": query.sub_q_type, "question": query.question, "reference": query.reference,
+        "prefix_key": prefix_key(modality, fmt, query.file_name, query.template_key), "status": "pending",
+    }
+    if missing:
+        row.update(status="error", error_kind="missing_input", error_message=missing)
+    return row

@@ -1,0 +1,1 @@
+"""The `hitq` command. Imports nothing heavy at import time."""

@@ -1,0 +1,69 @@
+"""A fast engine for queue mechanics (load, chaos, CLI tests): no model, deterministic answers.
+
+It can be told to misbehave on chosen keys (query ids), so the fault-tolerance of the worker
+and supervisor can be tested with real processes: `oom` raises EngineOOM, `error` raises
+EngineError, `crash` kills the process (os._exit), `hang` sleeps for an hour. Faults come from
+the engine options (`--engine-opt oom=3,7`) or $HITQ_FAKE_FAULTS (`oom=3,7;crash=5`).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from hitq.engine.base import GenerationSettings, ImageLimits, Output, Prepared, TokenCount
+from hitq.errors import EngineError, EngineOOM
+
+FAULTS = ("oom", "error", "crash", "hang")
+
+
+def _keys(spec) -> set[int]:
+    if isinstance(spec, (list, set, tuple)):
+        return {int(k) for k in spec}
+    return {int(k) for k in str(spec).replace(" ", "").split(",") if k}
+
+
+class FakeEngine:
+    name = "fake"
+
+    def __init__(self, delay_s: float | str = 0.0, **faults):
+        self.delay_s = float(delay_s)
+        env = dict(part.split("=", 1) for part in os.environ.get("HITQ_FAKE_FAULTS", "").split(";") if "=" in part)
+        self.faults = {kind: _keys(faults.get(kind, env.get(kind, ""))) for kind in FAULTS}
+        self.calls: list[list[Any]] = []  # keys of every generate call, for tests
+
+    def count_tokens(self, messages: list[dict], images: ImageLimits) -> TokenCount:
+        chars = sum(len(p.get("text", "")) for m in messages for p in _parts(m))
+        n_images = sum(p.get("type") == "image" for m in messages for p in _parts(m))
+        return TokenCount(tokens=chars // 4 + 64 * n_images + 8)
+
+    def prepare(self, key, messages, images, max_new_tokens, stop_at_answer=False, prefix_key=None) -> Prepared:
+        return Prepared(key=key, inputs=messages, count=self.count_tokens(messages, images), max_new_tokens=max_new_tokens,
+                        stop_at_answer=stop_at_answer, prefix_key=prefix_key)
+
+    def generate(self, batch: list[Prepared], settings: GenerationSettings) -> list[Output]:
+        self.calls.append([p.key for p in batch])
+        keys = {int(p.key) for p in batch}
+        if keys & self.faults["crash"]:
+            os._exit(17)
+        if keys & self.faults["hang"]:
+            time.sleep(3600)
+        if keys & self.faults["oom"]:
+            raise EngineOOM(f"fake OOM on a batch of {len(batch)} ({sum(p.count.tokens for p in batch)} tokens)")
+        if keys & self.faults["error"]:
+            raise EngineError("fake engine error")
+        outputs = []
+        for p in batch:
+            start = time.perf_counter()
+            time.sleep(self.delay_s)
+            text = f"Echo of {p.count.tokens} prompt tokens.\n[Final Answer]: {p.key}"
+            outputs.append(Output(key=p.key, text=text, output_tokens=len(text) // 4, seconds=time.perf_counter() - start))
+        return outputs
+
+    def describe(self) -> dict:
+        return {"engine": "fake", "device": "cpu", "delay_s": self.delay_s}
+
+
+def _parts(message: dict) -> list[dict]:
+    content = message.get("content", "")
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content

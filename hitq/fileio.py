@@ -1,0 +1,34 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from hitq.errors import HitqError
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write to a temp file beside `path`, fsync, then rename over it."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise HitqError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise HitqError(f"cannot write {path}: {e.strerror or e} (the previous file is unchanged)") from None
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")

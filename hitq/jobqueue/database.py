@@ -1,0 +1,161 @@
+"""Database URLs, engines and migrations: the only module that knows about drivers and files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from hitq.errors import DatabaseError
+
+DEFAULT_URL = "sqlite:///hitq.db"
+SQLITE_BUSY_TIMEOUT_MS = 30_000  # how long a writer waits for the SQLite write lock
+# Filesystems on which SQLite's locking is unreliable (several processes, several hosts).
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb", "smbfs", "smb3", "sshfs", "fuse.sshfs", "9p", "afs", "lustre", "gpfs", "beegfs", "glusterfs", "fuse.glusterfs", "ceph", "fuse.ceph"}
+
+
+def normalize_url(url: str | None) -> str:
+    """`sqlite:///x.db`, `postgresql://…` or a bare file path → a SQLAlchemy URL with our drivers."""
+    url = (url or DEFAULT_URL).strip()
+    if "://" not in url:
+        return "sqlite:///" + str(Path(url).expanduser().resolve())
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith(("sqlite://", "postgresql+")):
+        return url
+    raise DatabaseError(f"unsupported database URL {mask(url)}: use sqlite:///FILE, a file path or postgresql://…")
+
+
+def mask(url: str) -> str:
+    """The URL with its password replaced by ***, safe to print or store."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable database URL>"
+
+
+def filesystem_type(path: Path, mounts: str = "/proc/mounts") -> str | None:
+    """The type of the filesystem holding `path`, from the longest matching mount point."""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return None
+    path = path.resolve()
+    best, best_type = "", None
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 3:
+            point = parts[1].replace("\\040", " ")
+            if (str(path) == point or str(path).startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+                best, best_type = point, parts[2]
+    return best_type
+
+
+def create(url: str | None, mounts: str = "/proc/mounts") -> sa.Engine:
+    """An engine for `url`, checked to be reachable. SQLite: WAL, busy timeout, BEGIN IMMEDIATE."""
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url, mounts)
+    try:
+        engine = sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+        with engine.connect():
+            pass
+    except ModuleNotFoundError:
+        raise DatabaseError("PostgreSQL support not installed: pip install 'hitq[postgres]'") from None
+    except sa.exc.SQLAlchemyError as e:
+        reason = str(getattr(e, "orig", e)).strip().splitlines()[0] if str(getattr(e, "orig", e)).strip() else type(e).__name__
+        raise DatabaseError(f"cannot connect to {mask(url)}: {reason}") from None
+    return engine
+
+
+def _sqlite_engine(url: str, mounts: str) -> sa.Engine:
+    database = make_url(url).database
+    if database and database != ":memory:":
+        path = Path(database)
+        if not path.parent.is_dir():
+            raise DatabaseError(f"cannot create SQLite database {path}: directory {path.parent} does not exist")
+        fs = filesystem_type(path.parent, mounts)
+        if fs in NETWORK_FILESYSTEMS:
+            raise DatabaseError(
+                f"SQLite database {path} is on a network filesystem ({fs}); its locks are unreliable there: "
+                "use a local disk or PostgreSQL (--db postgresql://…)"
+            )
+    engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        # Take the write lock up front: claimers serialise instead of failing on lock upgrade.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.OperationalError as e:
+        raise DatabaseError(f"cannot open SQLite database {database}: {e.orig}") from None
+    return engine
+
+
+def _alembic_config(connection):
+    import logging
+
+    from alembic.config import Config
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+    cfg = Config()
+    cfg.set_main_option("script_location", "hitq:migrations")
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config(None)).get_current_head()
+
+
+def current_revision(engine: sa.Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: sa.Engine, revision: str = "head") -> None:
+    from alembic import command
+
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7431001)")  # one migrator at a time
+        command.upgrade(_alembic_config(conn), revision)
+
+
+def downgrade(engine: sa.Engine, revision: str) -> None:
+    from alembic import command
+
+    with engine.begin() as conn:
+        command.downgrade(_alembic_config(conn), revision)
+
+
+def ensure_migrated(engine: sa.Engine, migrate: bool = True) -> None:
+    """Upgrade a new or old database to head (or refuse, when `migrate` is False)."""
+    if current_revision(engine) == head_revision():
+        return
+    if not migrate:
+        raise DatabaseError("database is not migrated: run `hitq db upgrade`")
+    upgrade(engine)
+
+
+def url_from_env(url: str | None) -> str:
+    return url or os.environ.get("HITQ_DB") or DEFAULT_URL

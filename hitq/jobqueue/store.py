@@ -1,0 +1,340 @@
+"""Every SQL statement hitq runs, as methods of `Queue`, named by operation.
+
+The claim protocol (design.md §4): a claim takes pending jobs in (priority, prefix_key, id) order,
+sets a lease and bumps the job's `fence`; finish/fail/release only apply while the caller's fence is
+still the job's fence, so a worker that lost its lease can never overwrite a newer result. The only
+dialect branch is how the claimer locks: PostgreSQL `FOR UPDATE SKIP LOCKED`, SQLite the write
+lock taken by `BEGIN IMMEDIATE` (see database.py).
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable
+
+import sqlalchemy as sa
+
+from hitq.errors import NotFound, RunConfigConflict
+from hitq.jobqueue.models import events, jobs, runs, workers
+
+CHUNK = 500  # rows per INSERT/UPDATE statement in bulk operations
+RESULT_FIELDS = (
+    "prediction", "raw_output", "original_tokens", "input_tokens", "output_tokens", "truncated",
+    "rows_dropped", "image_pixels_before", "image_pixels_after", "processing_time", "details",
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    name: str
+    config: dict
+    config_hash: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed job: what a worker needs to run it, and the fence that proves it still owns it."""
+
+    id: int
+    run_id: int
+    query_id: int
+    file_name: str
+    question_type: str
+    sub_q_type: str
+    question: str
+    reference: str
+    prefix_key: str
+    attempts: int
+    fence: int
+
+
+class Queue:
+    """The job queue over one SQLAlchemy engine (SQLite or PostgreSQL)."""
+
+    def __init__(self, engine: sa.Engine):
+        self.engine = engine
+        self.is_postgres = engine.dialect.name == "postgresql"
+
+    # -- clock ---------------------------------------------------------------------------------
+    def _now(self, conn: sa.Connection) -> float:
+        """Lease time: the database clock on PostgreSQL (hosts may be skewed), else the local one."""
+        if self.is_postgres:
+            return float(conn.execute(sa.text("SELECT extract(epoch FROM clock_timestamp())")).scalar_one())
+        return time.time()
+
+    def _log(self, conn, now: float, kind: str, rows: Iterable[tuple[int, int | None]], worker: str | None = None, detail=None):
+        values = [
+            {"job_id": job_id, "kind": kind, "worker": worker, "fence": fence, "at": now,
+             "detail": detail if detail is None or isinstance(detail, str) else json.dumps(detail)}
+            for job_id, fence in rows
+        ]
+        for i in range(0, len(values), CHUNK):
+            conn.execute(sa.insert(events), values[i : i + CHUNK])
+
+    # -- runs ----------------------------------------------------------------------------------
+    def get_run(self, name: str) -> Run:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(runs).where(runs.c.name == name)).mappings().first()
+        if row is None:
+            raise NotFound(f"no run named {name!r}: see `hitq status` for the runs in this database")
+        return Run(**row)
+
+    def list_runs(self) -> list[Run]:
+        with self.engine.connect() as conn:
+            return [Run(**r) for r in conn.execute(sa.select(runs).order_by(runs.c.id)).mappings()]
+
+    def enqueue(self, name: str, config: dict, config_hash: str, rows: list[dict], event: str = "enqueued") -> tuple[int, int]:
+        """Create run `name` (or check its config is unchanged) and insert the rows whose query_id is
+        new. Each row holds the job's query fields, `prefix_key`, `status` and optional results.
+        Returns (added, already present)."""
+        with self.engine.begin() as conn:
+            now = self._now(conn)
+            existing = conn.execute(sa.select(runs).where(runs.c.name == name)).mappings().first()
+            if existing is None:
+                run_id = conn.execute(
+                    sa.insert(runs).values(name=name, config=config, config_hash=config_hash, created_at=now).returning(runs.c.id)
+                ).scalar_one()
+            elif existing["config_hash"] != config_hash:
+                old = existing["config"]
+                diff = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
+                raise RunConfigConflict(
+                    f"run {name!r} exists with other settings ({'; '.join(diff) or 'config hash differs'}): "
+                    "use another --run name"
+                )
+            else:
+                run_id = existing["id"]
+            present = set(conn.execute(sa.select(jobs.c.query_id).where(jobs.c.run_id == run_id)).scalars())
+            keys = set().union(*rows) if rows else set()
+            new = [dict({k: r.get(k) for k in keys}, run_id=run_id, created_at=now) for r in rows if r["query_id"] not in present]
+            for i in range(0, len(new), CHUNK):
+                ids = conn.execute(sa.insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True), new[i : i + CHUNK]).scalars().all()
+                self._log(conn, now, event, [(job_id, 0) for job_id in ids])
+        return len(new), len(rows) - len(new)
+
+    # -- the claim protocol --------------------------------------------------------------------
+    def reap(self, conn: sa.Connection | None = None, now: float | None = None) -> int:
+        """Expired leases: back to pending, or `error/crashed` once attempts reach max_attempts."""
+        if conn is None:
+            with self.engine.begin() as conn:
+                return self.reap(conn, self._now(conn))
+        q = sa.select(jobs.c.id, jobs.c.fence, jobs.c.lease_owner, jobs.c.attempts, jobs.c.max_attempts).where(
+            jobs.c.status == "running", jobs.c.lease_expires_at < now
+        )
+        if self.is_postgres:
+            q = q.with_for_update(skip_locked=True)
+        expired = conn.execute(q).all()
+        if not expired:
+            return 0
+        poisoned = [r for r in expired if r.attempts >= r.max_attempts]
+        retry = [r for r in expired if r.attempts < r.max_attempts]
+        if retry:
+            conn.execute(
+                sa.update(jobs).where(jobs.c.id.in_([r.id for r in retry]))
+                .values(status="pending", lease_owner=None, lease_expires_at=None)
+            )
+        for r in poisoned:
+            conn.execute(
+                sa.update(jobs).where(jobs.c.id == r.id).values(
+                    status="error", lease_owner=None, lease_expires_at=None, error_kind="crashed", finished_at=now,
+                    error_message=f"the worker died or lost its lease on each of {r.attempts} attempts (max_attempts {r.max_attempts})",
+                )
+            )
+        for r in expired:
+            self._log(conn, now, "expired", [(r.id, r.fence)], r.lease_owner, "crashed" if r in poisoned else "retry")
+        return len(expired)
+
+    def claim(self, worker: str, limit: int, lease_s: float, run_ids: list[int] | None = None) -> list[Job]:
+        """Take up to `limit` pending jobs (whole prefix groups first) under a lease of `lease_s`."""
+        with self.engine.begin() as conn:
+            now = self._now(conn)
+            self.reap(conn, now)
+            pick = sa.select(jobs.c.id).where(jobs.c.status == "pending")
+            if run_ids is not None:
+                pick = pick.where(jobs.c.run_id.in_(run_ids))
+            pick = pick.order_by(jobs.c.priority.desc(), jobs.c.prefix_key, jobs.c.id).limit(limit)
+            if self.is_postgres:
+                pick = pick.with_for_update(skip_locked=True)
+            claimed = conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id.in_(pick.scalar_subquery()))
+                .values(
+                    status="running", lease_owner=worker, lease_expires_at=now + lease_s, fence=jobs.c.fence + 1,
+                    attempts=jobs.c.attempts + 1, started_at=now, queue_time=now - jobs.c.created_at,
+                )
+                .returning(*[jobs.c[f] for f in Job.__dataclass_fields__])
+            ).mappings().all()
+            self._log(conn, now, "claimed", [(r["id"], r["fence"]) for r in claimed], worker)
+        return sorted((Job(**r) for r in claimed), key=lambda j: (j.prefix_key, j.id))
+
+    def heartbeat(self, worker: str, held: dict[int, int], lease_s: float) -> set[int]:
+        """Extend the leases of `held` ({job id: fence}); returns the ids this worker still owns."""
+        with self.engine.begin() as conn:
+            now = self._now(conn)
+            conn.execute(sa.update(workers).where(workers.c.id == worker).values(heartbeat_at=now))
+            if not held:
+                return set()
+            kept = conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id.in_(list(held)), jobs.c.lease_owner == worker, jobs.c.status == "running")
+                .values(lease_expires_at=now + lease_s)
+                .returning(jobs.c.id, jobs.c.fence)
+            ).all()
+            owned = {r.id for r in kept if held.get(r.id) == r.fence}
+            # Lost: claimed again since (newer fence) or reaped back to pending. A job this worker
+            # settled a moment ago (done/error, same fence) is neither owned nor lost.
+            current = conn.execute(sa.select(jobs.c.id, jobs.c.fence, jobs.c.status).where(jobs.c.id.in_(list(held)))).all()
+            lost = [(r.id, held[r.id]) for r in current if r.id not in owned and (r.fence != held[r.id] or r.status in ("pending", "running"))]
+            self._log(conn, now, "heartbeat-lost", lost, worker)
+        return owned | {r.id for r in current if r.id not in owned and (r.id, held[r.id]) not in lost}
+
+    def _settle(self, job_id: int, fence: int, worker: str, status: str, kind: str, values: dict, detail=None) -> bool:
+        with self.engine.begin() as conn:
+            now = self._now(conn)
+            done = conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.fence == fence, jobs.c.status == "running")
+                .values(status=status, lease_owner=None, lease_expires_at=None, finished_at=now, **values)
+            ).rowcount
+            self._log(conn, now, kind if done else "rejected", [(job_id, fence)], worker, detail if done else f"late {kind}")
+            if done:
+                conn.execute(sa.update(workers).where(workers.c.id == worker).values(jobs_done=workers.c.jobs_done + 1, heartbeat_at=now))
+        return bool(done)
+
+    def finish(self, job: Job, worker: str, result: dict) -> bool:
+        """Record a prediction. False (and a `rejected` event) if a newer claim owns the job."""
+        values = {k: result[k] for k in RESULT_FIELDS if k in result}
+        return self._settle(job.id, job.fence, worker, "done", "finished", dict(values, error_kind=None, error_message=None))
+
+    def fail(self, job: Job, worker: str, kind: str, message: str, result: dict | None = None) -> bool:
+        """Record a classified error. False (and a `rejected` event) if a newer claim owns the job."""
+        values = {k: v for k, v in (result or {}).items() if k in RESULT_FIELDS}
+        return self._settle(job.id, job.fence, worker, "error", "failed", dict(values, error_kind=kind, error_message=message), kind)
+
+    def release(self, held: list[Job], worker: str) -> int:
+        """Give claimed-but-unstarted jobs back without counting an attempt."""
+        if not held:
+            return 0
+        with self.engine.begin() as conn:
+            now = self._now(conn)
+            released = []
+            for job in held:
+                n = conn.execute(
+                    sa.update(jobs)
+                    .where(jobs.c.id == job.id, jobs.c.fence == job.fence, jobs.c.status == "running")
+                    .values(status="pending", attempts=jobs.c.attempts - 1, lease_owner=None, lease_expires_at=None)
+                ).rowcount
+                if n:
+                    released.append((job.id, job.fence))
+            self._log(conn, now, "released", released, worker)
+        return len(released)
+
+    def requeue(self, run_id: int | None, kinds: list[str] | None = None, query_ids: set[int] | None = None) -> int:
+        """error → pending for the matching jobs (attempts kept); one `requeued` event each."""
+        with self.engine.begin() as conn:
+            now = self._now(conn)
+            pick = sa.select(jobs.c.id, jobs.c.fence).where(jobs.c.status == "error")
+            if run_id is not None:
+                pick = pick.where(jobs.c.run_id == run_id)
+            if kinds:
+                pick = pick.where(jobs.c.error_kind.in_(kinds))
+            if query_ids:
+                pick = pick.where(jobs.c.query_id.in_(sorted(query_ids)))
+            rows = conn.execute(pick).all()
+            ids = [r.id for r in rows]
+            for i in range(0, len(ids), CHUNK):
+                conn.execute(
+                    sa.update(jobs).where(jobs.c.id.in_(ids[i : i + CHUNK]))
+                    .values(status="pending", error_kind=None, error_message=None, finished_at=None, created_at=now)
+                )
+            self._log(conn, now, "requeued", [(r.id, r.fence) for r in rows])
+        return len(rows)
+
+    # -- workers -------------------------------------------------------------------------------
+    def register_worker(self, worker: str, host: str, pid: int, device: str) -> None:
+        with self.engine.begin() as conn:
+            now = self._now(conn)
+            conn.execute(sa.delete(workers).where(workers.c.id == worker))
+            conn.execute(sa.insert(workers).values(id=worker, host=host, pid=pid, device=device, started_at=now, heartbeat_at=now, state="running"))
+
+    def set_worker_state(self, worker: str, state: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(workers).where(workers.c.id == worker).values(state=state, heartbeat_at=self._now(conn)))
+
+    def list_workers(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            now = self._now(conn)
+            return [dict(r, age_s=now - r["heartbeat_at"]) for r in conn.execute(sa.select(workers).order_by(workers.c.started_at)).mappings()]
+
+    # -- reading -------------------------------------------------------------------------------
+    def unfinished(self, run_ids: list[int] | None) -> int:
+        """Jobs that are pending or running: a draining worker stops when this reaches zero."""
+        q = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status.in_(["pending", "running"]))
+        if run_ids is not None:
+            q = q.where(jobs.c.run_id.in_(run_ids))
+        with self.engine.connect() as conn:
+            return conn.execute(q).scalar_one()
+
+    def runs_with_pending(self) -> list[int]:
+        q = sa.select(jobs.c.run_id).where(jobs.c.status == "pending").group_by(jobs.c.run_id).order_by(jobs.c.run_id)
+        with self.engine.connect() as conn:
+            return list(conn.execute(q).scalars())
+
+    def stats(self, run: Run, window_s: float = 600.0) -> dict:
+        """Counts per status and error kind, and the recent rate of finished jobs."""
+        with self.engine.connect() as conn:
+            now = self._now(conn)
+            by_status = dict(conn.execute(sa.select(jobs.c.status, sa.func.count()).where(jobs.c.run_id == run.id).group_by(jobs.c.status)).all())
+            errors = dict(conn.execute(
+                sa.select(jobs.c.error_kind, sa.func.count()).where(jobs.c.run_id == run.id, jobs.c.status == "error").group_by(jobs.c.error_kind)
+            ).all())
+            recent = conn.execute(
+                sa.select(sa.func.count(), sa.func.min(jobs.c.finished_at)).where(
+                    jobs.c.run_id == run.id, jobs.c.status.in_(["done", "error"]), jobs.c.finished_at >= now - window_s,
+                    jobs.c.started_at.is_not(None),
+                )
+            ).one()
+            mean_time = conn.execute(
+                sa.select(sa.func.avg(jobs.c.processing_time)).where(jobs.c.run_id == run.id, jobs.c.status == "done")
+            ).scalar()
+        counts = {s: int(by_status.get(s, 0)) for s in ("pending", "running", "done", "error")}
+        rate = recent[0] / max(now - recent[1], 1.0) if recent[0] else 0.0
+        left = counts["pending"] + counts["running"]
+        return {
+            "name": run.name, "counts": counts, "total": sum(counts.values()), "errors": {str(k): int(v) for k, v in errors.items()},
+            "jobs_per_s": round(rate, 4), "mean_processing_s": round(float(mean_time), 3) if mean_time else None,
+            "eta_s": round(left / rate) if rate and left else (0 if not left else None),
+        }
+
+    def result_rows(self, name: str) -> list[dict]:
+        """Every job of run `name` in query id order, as plain dicts (export, eval, report)."""
+        run = self.get_run(name)
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs).where(jobs.c.run_id == run.id).order_by(jobs.c.query_id)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def event_log(self, run_id: int | None = None) -> list[dict]:
+        q = sa.select(events, jobs.c.query_id).join(jobs, jobs.c.id == events.c.job_id).order_by(events.c.id)
+        if run_id is not None:
+            q = q.where(jobs.c.run_id == run_id)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def event_counts(self, run_id: int) -> Counter:
+        q = sa.select(events.c.kind, sa.func.count()).join(jobs, jobs.c.id == events.c.job_id).where(jobs.c.run_id == run_id).group_by(events.c.kind)
+        with self.engine.connect() as conn:
+            return Counter(dict(conn.execute(q).all()))
+
+    def save_scores(self, name: str, scores: dict[int, dict]) -> int:
+        """Store per-job scores ({query id: {metric: value}}) for run `name`."""
+        run = self.get_run(name)
+        with self.engine.begin() as conn:
+            n = 0
+            for query_id, value in scores.items():
+                n += conn.execute(
+                    sa.update(jobs).where(jobs.c.run_id == run.id, jobs.c.query_id == int(query_id)).values(scores=value)
+                ).rowcount
+        return n

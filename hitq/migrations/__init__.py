@@ -1,0 +1,1 @@
+"""Alembic migrations, shipped in the package (`script_location = hitq:migrations`)."""

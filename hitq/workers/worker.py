@@ -1,0 +1,148 @@
+"""The worker process: load the model once, then claim → execute → finish until told to stop.
+
+Signals: the supervisor sends SIGTERM. The first one stops claiming; the batch in hand finishes
+and whatever was claimed but not started is released. A second one releases everything held and
+exits at once. SIGINT is ignored here (Ctrl+C reaches the supervisor, which decides).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger("hitq.worker")
+EXIT_FATAL = 3  # the supervisor does not restart a worker that exits with this code
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    db: str
+    device: str  # "cpu" or a CUDA index
+    run_name: str | None = None
+    drain: bool = False
+    lease_s: float = 120.0  # a job's lease; heartbeats extend it every lease_s / 3
+    batch_size: int = 1  # jobs claimed at once
+    max_jobs: int | None = None  # exit after this many jobs
+    poll_s: float = 1.0  # sleep when there is nothing to claim
+    slot: int = 0  # index of this process among the supervisor's children
+
+
+class Heartbeat(threading.Thread):
+    """Extends the leases of the jobs in hand; notices when one is taken away."""
+
+    def __init__(self, queue, worker: str, lease_s: float):
+        super().__init__(daemon=True, name="hitq-heartbeat")
+        self.queue, self.worker, self.lease_s = queue, worker, lease_s
+        self.held: dict[int, int] = {}
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+
+    def hold(self, jobs) -> None:
+        with self.lock:
+            self.held = {j.id: j.fence for j in jobs}
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.lease_s / 3):
+            with self.lock:
+                held = dict(self.held)
+            try:
+                owned = self.queue.heartbeat(self.worker, held, self.lease_s)
+            except Exception as e:  # the database is away: keep trying, the fence protects results
+                log.warning("heartbeat failed: %s", str(e).splitlines()[0], extra={"action": "heartbeat_error"})
+                continue
+            for job_id in set(held) - owned:
+                log.warning("lost the lease of job %d: its result will be rejected", job_id, extra={"action": "heartbeat_lost"})
+
+
+def child_main(spec: WorkerSpec, current) -> None:
+    """Entry point of a spawned worker process. `current` is a shared array the supervisor reads:
+    [job id, fence, start time] of the batch in hand (zeros when idle)."""
+    if spec.device != "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = spec.device
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s [worker {spec.device}/{spec.slot} pid {os.getpid()}] %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = Worker(spec, current).loop()
+    except Exception as e:
+        log.error("worker stopped: %s", str(e).splitlines()[0] if str(e) else type(e).__name__, extra={"action": "fatal"})
+        code = EXIT_FATAL
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, current=None):
+        from hitq.jobqueue import open_queue
+
+        self.spec, self.current = spec, current
+        self.queue = open_queue(spec.db, migrate=False)
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{spec.device}"
+        self.stop_requested = False
+        self.executors: dict[int, object] = {}
+        self.in_hand: list = []
+        signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, *_):
+        if self.stop_requested:  # second signal: give everything back and leave now
+            self.queue.release(self.in_hand, self.id)
+            os._exit(0)
+        self.stop_requested = True
+        log.info("stopping after the current batch", extra={"action": "stop_requested"})
+
+    def _run_ids(self) -> list[int] | None:
+        if self.spec.run_name:
+            return [self.queue.get_run(self.spec.run_name).id]
+        return None
+
+    def loop(self) -> int:
+        self.queue.register_worker(self.id, socket.gethostname(), os.getpid(), self.spec.device)
+        heartbeat = Heartbeat(self.queue, self.id, self.spec.lease_s)
+        heartbeat.start()
+        run_ids, done = self._run_ids(), 0
+        try:
+            while not self.stop_requested and (self.spec.max_jobs is None or done < self.spec.max_jobs):
+                targets = run_ids or self.queue.runs_with_pending()[:1]
+                jobs = self.queue.claim(self.id, self.spec.batch_size, self.spec.lease_s, targets) if targets else []
+                if not jobs:
+                    if self.spec.drain and self.queue.unfinished(run_ids) == 0:
+                        log.info("no work left: exiting", extra={"action": "drained"})
+                        break
+                    time.sleep(self.spec.poll_s)
+                    continue
+                self.in_hand = jobs
+                heartbeat.hold(jobs)
+                self._mark(jobs)
+                outcome = self._executor(jobs[0].run_id).run_batch(jobs)
+                log.info("batch of %d: %s", len(jobs), outcome, extra={"action": "batch_done"})
+                done += len(jobs)
+                self.in_hand = []
+                heartbeat.hold([])
+                self._mark([])
+        finally:
+            heartbeat.stopped.set()
+            self.queue.release(self.in_hand, self.id)
+            self.queue.set_worker_state(self.id, "stopped")
+        return 0
+
+    def _mark(self, jobs) -> None:
+        if self.current is not None:
+            self.current[:] = [jobs[0].id, jobs[0].fence, time.time()] if jobs else [0, 0, 0]
+
+    def _executor(self, run_id: int):
+        if run_id not in self.executors:
+            from hitq.engine import load_engine
+            from hitq.workers.execute import Executor
+
+            run = next(r for r in self.queue.list_runs() if r.id == run_id)
+            config = run.config
+            options = dict(config.get("extra", {}).get("engine_opts", {}))
+            device = "cpu" if self.spec.device == "cpu" else "cuda"
+            engine = load_engine(config.get("engine", "transformers"), config.get("model_dir"), device=device, **options)
+            self.executors = {run_id: Executor(self.queue, self.id, run, engine)}  # one model in memory at a time
+        return self.executors[run_id]
