@@ -52,11 +52,11 @@ def filesystem_type(path: Path, mounts: str = "/proc/mounts") -> str | None:
     return best_type
 
 
-def create(url: str | None, mounts: str = "/proc/mounts") -> sa.Engine:
+def create(url: str | None, mounts: str | None = None) -> sa.Engine:
     """An engine for `url`, checked to be reachable. SQLite: WAL, busy timeout, BEGIN IMMEDIATE."""
     url = normalize_url(url)
     if url.startswith("sqlite"):
-        return _sqlite_engine(url, mounts)
+        return _sqlite_engine(url, mounts or os.environ.get("HITQ_PROC_MOUNTS", "/proc/mounts"))
     try:
         engine = sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
         with engine.connect():

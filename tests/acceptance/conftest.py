@@ -1,0 +1,62 @@
+"""Helpers for running the real `hitq` command in subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hitq.benchmark.sample import write_sample
+
+HITQ = [sys.executable, "-m", "hitq.cli.main"]
+
+
+def hitq(*args, env=None, check=True, timeout=300) -> subprocess.CompletedProcess:
+    out = subprocess.run([*HITQ, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"hitq {' '.join(map(str, args))} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def start(*args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([*HITQ, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def wait_for(predicate, timeout=60.0, every=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not reached in time")
+
+
+def write_many(data: Path, n: int) -> Path:
+    """The sample tables with `n` Fact Checking questions spread over them."""
+    write_sample(data, images=False)
+    tables = ["demo-table01", "demo-table02", "demo-table03"]
+    rows = [{"id": i, "FileName": tables[i % 3], "CompStrucCata": "x", "Source": "x", "Question": f"Question {i}?",
+             "QuestionType": "Fact Checking", "SubQType": "Value-Matching", "COT": [], "FinalAnswer": str(i),
+             "ProcessedAnswer": str(i)} for i in range(1, n + 1)]
+    (data / "QA_final.json").write_text(json.dumps({"queries": rows}))
+    return data
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = dict(os.environ)
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout=60) -> str:
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=timeout)
+    return out

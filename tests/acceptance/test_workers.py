@@ -1,0 +1,92 @@
+"""The `hitq` command with real worker processes: load, kill -9, SIGSTOP past the lease, SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+
+from hitq.jobqueue import open_queue
+from tests.acceptance.conftest import hitq, start, stop, wait_for, write_many
+
+
+def exactly_once(db_url, run="r"):
+    """Every job done once: one `finished` event each, and claims == attempts."""
+    q = open_queue(db_url)
+    run_id = q.get_run(run).id
+    rows = q.result_rows(run)
+    events = q.event_log(run_id)
+    finished = Counter(e["job_id"] for e in events if e["kind"] == "finished")
+    claims = Counter(e["job_id"] for e in events if e["kind"] == "claimed")
+    assert all(r["status"] == "done" for r in rows), Counter(r["status"] for r in rows)
+    assert all(finished[r["id"]] == 1 for r in rows)
+    assert all(claims[r["id"]] == r["attempts"] for r in rows)
+    return rows, events
+
+
+def test_eight_workers_drain_3000_jobs_exactly_once(db_url, tmp_path, env):
+    data = write_many(tmp_path / "data", 3000)
+    hitq("enqueue", "--data", data, "--modality", "text", "--format", "csv", "--engine", "fake", "--run", "r", "--db", db_url)
+    out = hitq("work", "--gpu", "cpu", "--procs", "8", "--drain", "--batch-size", "4", "--poll-seconds", "0.1", "--db", db_url, env=env)
+    assert "done 3000/3000" in out.stderr
+    rows, events = exactly_once(db_url)
+    assert len(rows) == 3000 and all(r["attempts"] == 1 for r in rows)
+    assert not [e for e in events if e["kind"] == "rejected"]
+    assert len({e["worker"] for e in events if e["kind"] == "claimed"}) == 8  # every worker took part
+
+
+def test_kill_9_mid_job_is_rerun_after_the_lease(db_url, tmp_path, env):
+    data = write_many(tmp_path / "data", 12)
+    hitq("enqueue", "--data", data, "--modality", "text", "--format", "csv", "--engine", "fake", "--engine-opt", "delay_s=0.4",
+         "--run", "r", "--db", db_url)
+    proc = start("work", "--gpu", "cpu", "--procs", "2", "--drain", "--lease-seconds", "2", "--poll-seconds", "0.1", "--db", db_url, env=env)
+    q = open_queue(db_url)
+    victim = wait_for(lambda: next((r for r in q.result_rows("r") if r["status"] == "running" and r["lease_owner"]), None))
+    pid = int(victim["lease_owner"].split(":")[1])
+    os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "died (exit -9): restarting" in out
+    rows, events = exactly_once(db_url)
+    by_id = {r["id"]: r for r in rows}
+    assert by_id[victim["id"]]["attempts"] == 2
+    assert [e["kind"] for e in events if e["job_id"] == victim["id"]][-4:] == ["claimed", "expired", "claimed", "finished"]
+    hitq("export", "--run", "r", "--out", tmp_path / "out", "--db", db_url)
+    ids = [r["id"] for r in json.loads((tmp_path / "out" / "checkpoint.json").read_text())["results"]]
+    assert sorted(ids) == list(range(1, 13))
+
+
+def test_worker_paused_past_its_lease_cannot_overwrite(db_url, tmp_path, env):
+    data = write_many(tmp_path / "data", 6)
+    hitq("enqueue", "--data", data, "--modality", "text", "--format", "csv", "--engine", "fake", "--engine-opt", "delay_s=1.0",
+         "--run", "r", "--db", db_url)
+    proc = start("work", "--gpu", "cpu", "--procs", "2", "--drain", "--lease-seconds", "1.5", "--poll-seconds", "0.1", "--db", db_url, env=env)
+    q = open_queue(db_url)
+    victim = wait_for(lambda: next((r for r in q.result_rows("r") if r["status"] == "running" and r["lease_owner"]), None))
+    pid = int(victim["lease_owner"].split(":")[1])
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: next((r for r in q.result_rows("r") if r["id"] == victim["id"] and r["fence"] > victim["fence"]), None), timeout=30)
+    time.sleep(1.5)
+    os.kill(pid, signal.SIGCONT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    rows, events = exactly_once(db_url)
+    kinds = [(e["kind"], e["fence"]) for e in events if e["job_id"] == victim["id"]]
+    assert ("rejected", victim["fence"]) in kinds  # the late result of the paused worker
+    assert {r["id"]: r for r in rows}[victim["id"]]["attempts"] == 2
+
+
+def test_sigterm_finishes_or_releases_and_exits_0(db_url, tmp_path, env):
+    data = write_many(tmp_path / "data", 40)
+    hitq("enqueue", "--data", data, "--modality", "text", "--format", "csv", "--engine", "fake", "--engine-opt", "delay_s=0.3",
+         "--run", "r", "--db", db_url)
+    proc = start("work", "--gpu", "cpu", "--procs", "2", "--batch-size", "3", "--poll-seconds", "0.1", "--db", db_url, env=env)
+    q = open_queue(db_url)
+    wait_for(lambda: q.stats(q.get_run("r"))["counts"]["done"] >= 4)
+    out = stop(proc, signal.SIGTERM)
+    assert proc.returncode == 0, out
+    counts = q.stats(q.get_run("r"))["counts"]
+    assert counts["running"] == 0 and counts["error"] == 0 and counts["pending"] > 0
+    hitq("work", "--gpu", "cpu", "--procs", "2", "--drain", "--poll-seconds", "0.1", "--db", db_url, env=env)
+    exactly_once(db_url)
