@@ -1,0 +1,82 @@
+"""TransformersEngine on a CUDA device: bf16 tiny model, honest timings, the 8B architecture with
+random weights (shared no-weights dir), and real OOMs becoming EngineOOM."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from PIL import Image  # noqa: E402
+
+from hitq.engine.base import GenerationSettings, ImageLimits  # noqa: E402
+from hitq.engine.qwen3vl import TransformersEngine  # noqa: E402
+from hitq.engine.tiny import build_tiny_model  # noqa: E402
+from hitq.errors import EngineOOM  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+# ../shared next to the repo; HITQ_TEST_SHARED points elsewhere (a copy on a GPU machine)
+SHARED = Path(os.environ.get("HITQ_TEST_SHARED") or Path(__file__).resolve().parents[2].parent / "shared").resolve()
+NOWEIGHTS = SHARED / "models" / "qwen3-vl-8b-instruct-noweights"
+LIMITS = ImageLimits()
+GREEDY = GenerationSettings()
+
+
+def messages(text, image=None):
+    content = ([{"type": "image", "image": str(image)}] if image else []) + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpu") / "picture.png"
+    Image.new("RGB", (1000, 800), (30, 60, 90)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory):
+    return TransformersEngine(build_tiny_model(tmp_path_factory.mktemp("tiny") / "m"), device="cuda")
+
+
+def test_tiny_model_on_cuda_in_bf16(tiny_engine, picture):
+    assert tiny_engine.describe()["dtype"] == "bfloat16"
+    assert tiny_engine.describe()["device_name"] == torch.cuda.get_device_name()
+    batch = [tiny_engine.prepare(i, messages(t, img), LIMITS, n) for i, (t, img, n) in
+             enumerate([("Hello", None, 8), ("Describe.", picture, 16), ("Hi", None, 4)])]
+    outs = tiny_engine.generate(batch, GREEDY)
+    assert [o.key for o in outs] == [0, 1, 2]
+    assert all(1 <= o.output_tokens <= p.max_new_tokens for p, o in zip(batch, outs))
+    assert outs[0].extra["max_memory_reserved"] > 0 and outs[0].extra["prefill_s"] > 0
+
+
+def test_real_oom_becomes_engine_oom_and_memory_is_freed(tiny_engine, monkeypatch):
+    p = tiny_engine.prepare(0, messages("Hello"), LIMITS, max_new_tokens=4)
+    before = torch.cuda.memory_allocated()
+    real_generate = tiny_engine.model.generate
+
+    def greedy_generate(**kwargs):
+        held = torch.empty(2**30, dtype=torch.uint8, device="cuda")  # 1 GiB the OOM must not leak
+        return torch.empty(2**50, dtype=torch.uint8, device="cuda") + held[0]
+
+    monkeypatch.setattr(tiny_engine.model, "generate", greedy_generate)
+    with pytest.raises(EngineOOM, match="out of memory on cuda"):
+        tiny_engine.generate([p], GREEDY)
+    assert torch.cuda.memory_allocated() <= before + 2**20
+    monkeypatch.setattr(tiny_engine.model, "generate", real_generate)
+    assert tiny_engine.generate([p], GREEDY)[0].output_tokens > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (NOWEIGHTS / "config.json").is_file(), reason="no shared no-weights model dir")
+def test_8b_random_weights_generate(picture):
+    engine = TransformersEngine(NOWEIGHTS, device="cuda", random_weights=True)
+    assert engine.describe()["parameters"] == 8_767_123_696
+    p = engine.prepare(0, messages("Describe this image.", picture), ImageLimits(65536, 16777216), 5)
+    assert p.count.tokens == 789
+    [out] = engine.generate([p], GREEDY)
+    assert out.output_tokens <= 5 and out.extra["input_tokens"] == 789
