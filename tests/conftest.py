@@ -64,3 +64,11 @@ def db_url(request, tmp_path, pg_admin_url):
     if pg_admin_url is None:
         pytest.skip("PostgreSQL not reachable (set HITQ_TEST_POSTGRES_URL)")
     return _new_pg_database(pg_admin_url)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The tiny Qwen3-VL that `hitq model tiny` writes, built once per test session."""
+    from hitq.engine.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny")

@@ -232,8 +232,9 @@ def import_checkpoint(file, run_name, modality, fmt, model_dir, data_dir, max_in
     from hitq.runconfig import RunConfig
 
     rows = checkpoint.read_checkpoint(file)
-    config = RunConfig(modality=modality, format=fmt, data_dir=str(Path(data_dir).resolve()) if data_dir else "",
-                       model_dir=check_model_dir(model_dir, "fake"), max_input_tokens=max_input_tokens,
+    data = str(Path(data_dir).resolve()) if data_dir else ""
+    config = RunConfig(modality=modality, format=fmt, data_dir=data, model_dir=check_model_dir(model_dir, "fake"),
+                       prompts_hash=_prompts_hash("default", data), max_input_tokens=max_input_tokens,
                        extra={"imported_from": str(Path(file).resolve())})
     jobs = []
     for r in rows:

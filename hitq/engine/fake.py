@@ -2,7 +2,8 @@
 
 It can be told to misbehave on chosen keys (query ids), so the fault-tolerance of the worker
 and supervisor can be tested with real processes: `oom` raises EngineOOM, `error` raises
-EngineError, `crash` kills the process (os._exit), `hang` sleeps for an hour. Faults come from
+EngineError, `crash` kills the process (os._exit), `hang` sleeps for an hour, `noanswer`
+answers without the `[Final Answer]:` marker. Faults come from
 the engine options (`--engine-opt oom=3,7`) or $HITQ_FAKE_FAULTS (`oom=3,7;crash=5`).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from hitq.engine.base import GenerationSettings, ImageLimits, Output, Prepared, TokenCount
 from hitq.errors import EngineError, EngineOOM
 
-FAULTS = ("oom", "error", "crash", "hang")
+FAULTS = ("oom", "error", "crash", "hang", "noanswer")
 
 
 def _keys(spec) -> set[int]:
@@ -56,7 +57,8 @@ class FakeEngine:
         for p in batch:
             start = time.perf_counter()
             time.sleep(self.delay_s)
-            text = f"Echo of {p.count.tokens} prompt tokens.\n[Final Answer]: {p.key}"
+            marker = "" if int(p.key) in self.faults["noanswer"] else "[Final Answer]: "
+            text = f"Echo of {p.count.tokens} prompt tokens.\n{marker}{p.key}"
             outputs.append(Output(key=p.key, text=text, output_tokens=len(text) // 4, seconds=time.perf_counter() - start))
         return outputs
 

@@ -324,7 +324,7 @@ def random_state_dict(config_dict: dict, seed: int = 0, std: float = 0.02, head_
     return state
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_model(out_dir: str | Path, seed: int = 0, teach_steps: int = 120) -> Path:
     """Write a tiny random Qwen3-VL model directory to `out_dir` and return its path.
 
     The directory loads with `AutoProcessor.from_pretrained` and
@@ -362,5 +362,74 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     )
     _write_json(out / "preprocessor_config.json", _processor_config(video=False))
     _write_json(out / "video_preprocessor_config.json", _processor_config(video=True))
-    save_file(random_state_dict(config, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    state = teach_answer_format(random_state_dict(config, seed), config, out, seed, teach_steps)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+ANSWER = "[Final Answer]: 42"  # what the taught tiny model says after any prompt
+
+
+def _table_like_image(width: int, height: int, rng):
+    """White page, grid lines and words: what rendered benchmark tables look like."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    words = " ".join(_corpus()).split()
+    step_x, step_y = rng.randint(40, 120), rng.randint(14, 24)
+    for y in range(0, height, step_y):
+        draw.line([(0, y), (width, y)], fill="black")
+        for x in range(0, width, step_x):
+            draw.text((x + 2, y + 2), rng.choice(words)[:8], fill="black")
+    for x in range(0, width, step_x):
+        draw.line([(x, 0), (x, height)], fill="black")
+    return image
+
+
+def teach_answer_format(state: dict, config_dict: dict, out: Path, seed: int = 0, steps: int = 120) -> dict:
+    """A few seeded optimiser steps so that, after the assistant header, the tiny model writes
+    `[Final Answer]: 42<|im_end|>`. Random weights never produce the marker, so without this
+    every demo row would end as bad_format; with it the demo shows the whole path to `done`
+    (extraction, export, scoring). Prompts are chat-templated through the model's own processor
+    (from `out`, where the tokenizer and processor files are already written): table-like word
+    soup, half of them with an image, so text, image and mix prompts all answer."""
+    import random
+
+    import torch
+    from PIL import Image
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    processor = AutoProcessor.from_pretrained(str(out))
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.load_state_dict(state)
+    model.train()
+    words = " ".join(_corpus()).split()
+    punctuation = ["|", "<td>", "</td>", "&", "\\\\", ",", '"', "{", "}", ":", "---", "\n"]
+    target = processor.tokenizer(ANSWER + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        text = " ".join(rng.choice(words) if rng.random() < 0.7 else rng.choice(punctuation) for _ in range(rng.randint(5, 1500)))
+        content = [{"type": "text", "text": text}]
+        images = None
+        if step % 2:
+            side = lambda: rng.randint(2, 48) * 32  # noqa: E731
+            images = [_table_like_image(side(), side(), rng)]
+            content.insert(0, {"type": "image"})
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        inputs = processor(text=[prompt], images=images, return_tensors="pt")
+        ids = torch.cat([inputs["input_ids"], torch.tensor([target])], dim=1)
+        labels = torch.full_like(ids, -100)
+        labels[:, -len(target):] = ids[:, -len(target):]
+        extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+        if "mm_token_type_ids" in inputs:  # transformers >= 5.2 wants it with images
+            types = inputs["mm_token_type_ids"]
+            extra["mm_token_type_ids"] = torch.cat([types, torch.zeros((1, len(target)), dtype=types.dtype)], dim=1)
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, **extra).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}

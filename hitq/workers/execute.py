@@ -142,9 +142,8 @@ class Executor:
         output_tokens = output.output_tokens
         extracted = answer.extract(output.text)
         for _ in range(self.config.format_retries if extracted is None else 0):
-            messages = prompts.reminder(item.fitted.messages, self.prompt_set.answer_format(item.query))
             try:
-                self._fit(item, item.config, messages)
+                self._fit(item, item.config, self._reminder_messages(item))
                 retry = self.engine.generate([item.prepared], self.settings)[0]
             except JobError as e:
                 self._fail(item, e, outcome)
@@ -162,6 +161,18 @@ class Executor:
             return
         ok = self.queue.finish(item.job, self.worker, dict(result, prediction=extracted))
         outcome["done" if ok else "rejected"] += 1
+
+    def _reminder_messages(self, item: Item) -> list:
+        """The retry prompt: the fitted messages plus the format reminder, re-fitted with a budget
+        smaller by the reminder's own tokens, so that a retry never exceeds --max-input-tokens."""
+        note = self.prompt_set.answer_format(item.query)
+        limits = ImageLimits(item.config.min_pixels, item.config.max_pixels)
+        messages = prompts.reminder(item.fitted.messages, note)
+        extra = self.engine.count_tokens(messages, limits).tokens - self.engine.count_tokens(item.fitted.messages, limits).tokens
+        if item.fitted.input_tokens + extra > item.config.max_input_tokens:
+            smaller = dataclasses.replace(item.config, max_input_tokens=item.config.max_input_tokens - extra)
+            messages = prompts.reminder(prepare_query(item.query, smaller, self.prompt_set, self.engine.count_tokens).messages, note)
+        return messages
 
     def _fail(self, item: Item, error: JobError, outcome: dict, result: dict | None = None) -> None:
         log.warning("query %d failed: %s: %s", item.job.query_id, error.kind, error, extra={"action": "fail_job"})

@@ -32,8 +32,8 @@ def _offline(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+def tiny_dir(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,12 @@ def _digests(d):
 
 def test_build_is_fast_and_deterministic(tiny_dir, tmp_path):
     start = time.perf_counter()
-    again = build_tiny_model(tmp_path / "again")
+    first = build_tiny_model(tmp_path / "first", teach_steps=3)
     assert time.perf_counter() - start < 10
-    assert _digests(again) == _digests(tiny_dir)
-    other_seed = build_tiny_model(tmp_path / "seed1", seed=1)
-    assert _digests(other_seed)["model.safetensors"] != _digests(tiny_dir)["model.safetensors"]
+    again = build_tiny_model(tmp_path / "again", teach_steps=3)
+    assert _digests(again) == _digests(first)
+    other_seed = build_tiny_model(tmp_path / "seed1", seed=1, teach_steps=3)
+    assert _digests(other_seed)["model.safetensors"] != _digests(first)["model.safetensors"]
     assert _digests(other_seed)["tokenizer.json"] == _digests(tiny_dir)["tokenizer.json"]
 
 
