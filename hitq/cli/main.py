@@ -22,6 +22,18 @@ class HitqGroup(click.Group):
             raise click.ClickException(str(e)) from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt):
             raise
+        except UnicodeError as e:  # text from an input file that is not valid Unicode (a lone surrogate, a bad byte)
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            bad = e.object[e.start:e.end] if isinstance(e, (UnicodeEncodeError, UnicodeDecodeError)) else ""
+            raise click.ClickException(f"the input holds text that is not valid Unicode ({bad!r}: {e.reason}): fix the file") from None
+        except OSError as e:  # the file system refused (a name too long, permissions, a full disk)
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            name = str(e.filename or "")
+            name = name if len(name) <= 200 else name[:100] + "…" + name[-60:]
+            reason = e.strerror or str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise click.ClickException(f"{reason}{': ' + name if name else ''}") from None
         except Exception as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -46,11 +58,11 @@ def cli(ctx: click.Context, debug: bool):
 
 
 def _register() -> None:
-    from hitq.cli import db, demo, model, queue, work
+    from hitq.cli import bench, db, demo, doctor, model, queue, work
 
     for command in (
         queue.enqueue, queue.status, queue.requeue_errors, queue.export, queue.import_checkpoint,
-        work.work, db.db, model.model, demo.demo,
+        work.work, db.db, model.model, demo.demo, doctor.doctor, bench.bench,
     ):
         cli.add_command(command)
     try:

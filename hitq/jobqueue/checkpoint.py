@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from hitq.errors import DataError
-from hitq.fileio import write_json
+from hitq.fileio import write_json_many
 
 ROW_KEYS = ("id", "FileName", "QuestionType", "SubQType", "Question", "Reference", "Prediction")
 # How a predecessor `[ERROR] …` string maps onto hitq's error kinds, first match wins.
@@ -117,4 +117,6 @@ def export(out_dir: str | Path, run_name: str, config: dict, jobs: list[dict]) -
         "counts": {s: sum(j["status"] == s for j in jobs) for s in ("pending", "running", "done", "error")},
         "results": [dict(legacy_row(j), **{k: j.get(k) for k in RESULT_KEYS}) for j in jobs],
     }
-    return write_json(out / "checkpoint.json", checkpoint), write_json(out / "results.json", results)
+    # Both files or neither: a full disk or a read-only directory leaves the previous export whole.
+    ckpt, res = write_json_many({out / "checkpoint.json": checkpoint, out / "results.json": results})
+    return ckpt, res

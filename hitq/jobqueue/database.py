@@ -1,8 +1,13 @@
 """Database URLs, engines and migrations: the only module that knows about drivers and files."""
 from __future__ import annotations
 
+import logging
 import os
+import random
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -10,7 +15,7 @@ from sqlalchemy.engine import make_url
 from hitq.errors import DatabaseError
 
 DEFAULT_URL = "sqlite:///hitq.db"
-SQLITE_BUSY_TIMEOUT_MS = 30_000  # how long a writer waits for the SQLite write lock
+SQLITE_BUSY_TIMEOUT_MS = 30_000  # how long a writer waits for the SQLite write lock (env HITQ_SQLITE_BUSY_TIMEOUT_MS)
 # Filesystems on which SQLite's locking is unreliable (several processes, several hosts).
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb", "smbfs", "smb3", "sshfs", "fuse.sshfs", "9p", "afs", "lustre", "gpfs", "beegfs", "glusterfs", "fuse.glusterfs", "ceph", "fuse.ceph"}
 
@@ -33,6 +38,100 @@ def mask(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return "<unparseable database URL>"
+
+
+def scrub(text: str, url: str | None) -> str:
+    """`text` with the password of `url` (if any) replaced by ***: for driver messages that might echo it."""
+    try:
+        password = make_url(normalize_url(url)).password if url else None
+    except Exception:
+        password = None
+    return text.replace(str(password), "***") if password else text
+
+
+def sqlite_busy_timeout_ms() -> int:
+    """How long a SQLite writer waits for the write lock before `database is locked`."""
+    try:
+        return int(os.environ.get("HITQ_SQLITE_BUSY_TIMEOUT_MS", SQLITE_BUSY_TIMEOUT_MS))
+    except ValueError:
+        return SQLITE_BUSY_TIMEOUT_MS
+
+
+# -- the retry policy: the one place that decides which database errors are worth waiting out --
+T = TypeVar("T")
+log = logging.getLogger("hitq.database")
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database cannot be reached right now (down, restarting, or locked): try again later."""
+
+
+# SQLite reports "no such table" and syntax errors as OperationalError too: only these are transient.
+SQLITE_TRANSIENT = ("locked", "busy", "unable to open", "disk i/o error")
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for errors that a later attempt may not meet: the server restarted or dropped the
+    connection, the network blinked, the SQLite file stayed locked past the busy timeout."""
+    if isinstance(error, DatabaseUnavailable):
+        return True
+    if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if isinstance(error, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+        orig = getattr(error, "orig", None)
+        if type(orig).__module__.startswith("sqlite3"):
+            return any(word in str(orig).lower() for word in SQLITE_TRANSIENT)
+        return True
+    if isinstance(error, (sa.exc.DisconnectionError, sa.exc.TimeoutError)):  # TimeoutError: pool exhausted
+        return True
+    return False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter for transient database errors.
+
+    `give_up_s` None: never give up (a worker keeps its result in memory until the database is back).
+    The default policy (`NO_RETRY`) fails at once: CLI commands report a clear error instead of waiting."""
+
+    give_up_s: float | None = 0.0  # total seconds to keep trying; 0: do not retry
+    first_wait_s: float = 0.1  # wait after the first failure, doubled after each
+    max_wait_s: float = 10.0  # cap on one wait
+
+    def call(self, fn: Callable[[], T], what: str = "database call") -> T:
+        """`fn()`, retried while it raises a transient database error and time is left."""
+        start, wait, failures = time.monotonic(), self.first_wait_s, 0
+        while True:
+            try:
+                result = fn()
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                elapsed = time.monotonic() - start
+                if self.give_up_s is not None and elapsed + wait > self.give_up_s:
+                    raise
+                failures += 1
+                if failures == 1 or failures % 10 == 0:
+                    log.warning("%s failed (%s), retrying for %s", what, _first_line(e),
+                                "ever" if self.give_up_s is None else f"up to {self.give_up_s:.0f}s",
+                                extra={"action": "db_retry", "failures": failures})
+                time.sleep(wait * (0.5 + random.random()))
+                wait = min(wait * 2, self.max_wait_s)
+                continue
+            if failures:
+                log.info("%s succeeded after %d failures (%.1fs)", what, failures, time.monotonic() - start,
+                         extra={"action": "db_reconnected", "failures": failures})
+            return result
+
+
+NO_RETRY = RetryPolicy(give_up_s=0.0)
+# Workers: wait out restarts, failovers and long locks for up to an hour, then let the supervisor restart them.
+WORKER_RETRY = RetryPolicy(give_up_s=float(os.environ.get("HITQ_DB_RETRY_S", 3600)), first_wait_s=0.1, max_wait_s=5.0)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def filesystem_type(path: Path, mounts: str = "/proc/mounts") -> str | None:
@@ -64,8 +163,7 @@ def create(url: str | None, mounts: str | None = None) -> sa.Engine:
     except ModuleNotFoundError:
         raise DatabaseError("PostgreSQL support not installed: pip install 'hitq[postgres]'") from None
     except sa.exc.SQLAlchemyError as e:
-        reason = str(getattr(e, "orig", e)).strip().splitlines()[0] if str(getattr(e, "orig", e)).strip() else type(e).__name__
-        raise DatabaseError(f"cannot connect to {mask(url)}: {reason}") from None
+        raise DatabaseUnavailable(f"cannot connect to {mask(url)}: {scrub(_first_line(e), url)}") from None
     return engine
 
 
@@ -81,14 +179,15 @@ def _sqlite_engine(url: str, mounts: str) -> sa.Engine:
                 f"SQLite database {path} is on a network filesystem ({fs}); its locks are unreliable there: "
                 "use a local disk or PostgreSQL (--db postgresql://…)"
             )
-    engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    busy_ms = sqlite_busy_timeout_ms()
+    engine = sa.create_engine(url, connect_args={"timeout": busy_ms / 1000})
 
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
@@ -102,7 +201,8 @@ def _sqlite_engine(url: str, mounts: str) -> sa.Engine:
         with engine.connect():
             pass
     except sa.exc.OperationalError as e:
-        raise DatabaseError(f"cannot open SQLite database {database}: {e.orig}") from None
+        error = DatabaseUnavailable if is_transient(e) else DatabaseError
+        raise error(f"cannot open SQLite database {database}: {e.orig}") from None
     return engine
 
 

@@ -57,9 +57,11 @@ jobs = sa.Table(
     sa.Column("started_at", sa.Float),
     sa.Column("finished_at", sa.Float),
     sa.UniqueConstraint("run_id", "query_id", name="uq_jobs_run_query"),
-    sa.Index("ix_jobs_claim", "run_id", "status", "priority", "prefix_key", "id"),
     sa.Index("ix_jobs_lease", "status", "lease_expires_at"),
 )
+
+# The claim's ORDER BY (priority DESC, prefix_key, id) read straight from the index, no sort.
+sa.Index("ix_jobs_claim", jobs.c.run_id, jobs.c.status, jobs.c.priority.desc(), jobs.c.prefix_key, jobs.c.id)
 
 events = sa.Table(
     "events",

@@ -8,6 +8,7 @@ lock taken by `BEGIN IMMEDIATE` (see database.py).
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import Counter
@@ -17,13 +18,29 @@ from typing import Iterable
 import sqlalchemy as sa
 
 from hitq.errors import NotFound, RunConfigConflict
+from hitq.jobqueue.database import NO_RETRY, RetryPolicy
 from hitq.jobqueue.models import events, jobs, runs, workers
 
+# What makes a job the same query: re-enqueueing an id with other values is refused, not ignored.
+IDENTITY_FIELDS = ("file_name", "question_type", "sub_q_type", "question", "reference")
 CHUNK = 500  # rows per INSERT/UPDATE statement in bulk operations
 RESULT_FIELDS = (
     "prediction", "raw_output", "original_tokens", "input_tokens", "output_tokens", "truncated",
     "rows_dropped", "image_pixels_before", "image_pixels_after", "processing_time", "details",
 )
+
+
+def retried(method):
+    """Run a Queue method under the queue's retry policy (transient database errors only).
+
+    Every retried method is one transaction, so a retry repeats all of it or none; the fence makes
+    a repeated finish/fail safe (see `_settle`)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        return self.retry.call(lambda: method(self, *args, **kwargs), what=method.__name__)
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -55,9 +72,10 @@ class Job:
 class Queue:
     """The job queue over one SQLAlchemy engine (SQLite or PostgreSQL)."""
 
-    def __init__(self, engine: sa.Engine):
+    def __init__(self, engine: sa.Engine, retry: RetryPolicy = NO_RETRY):
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
+        self.retry = retry  # workers wait out a lost database; CLI commands fail at once
 
     # -- clock ---------------------------------------------------------------------------------
     def _now(self, conn: sa.Connection) -> float:
@@ -76,6 +94,7 @@ class Queue:
             conn.execute(sa.insert(events), values[i : i + CHUNK])
 
     # -- runs ----------------------------------------------------------------------------------
+    @retried
     def get_run(self, name: str) -> Run:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(runs).where(runs.c.name == name)).mappings().first()
@@ -83,6 +102,7 @@ class Queue:
             raise NotFound(f"no run named {name!r}: see `hitq status` for the runs in this database")
         return Run(**row)
 
+    @retried
     def list_runs(self) -> list[Run]:
         with self.engine.connect() as conn:
             return [Run(**r) for r in conn.execute(sa.select(runs).order_by(runs.c.id)).mappings()]
@@ -107,7 +127,16 @@ class Queue:
                 )
             else:
                 run_id = existing["id"]
-            present = set(conn.execute(sa.select(jobs.c.query_id).where(jobs.c.run_id == run_id)).scalars())
+            same = [c for c in IDENTITY_FIELDS if any(c in r for r in rows)]
+            present = {r.query_id: r for r in conn.execute(sa.select(jobs.c.query_id, *[jobs.c[c] for c in same]).where(jobs.c.run_id == run_id))}
+            clash = sorted(r["query_id"] for r in rows if r["query_id"] in present
+                           and any(r.get(c) != getattr(present[r["query_id"]], c) for c in same if c in r))
+            if clash:
+                shown = ", ".join(map(str, clash[:10])) + (f" and {len(clash) - 10} more" if len(clash) > 10 else "")
+                raise RunConfigConflict(
+                    f"run {name!r} already holds query id(s) {shown} with another question, table or answer: "
+                    "the QA file changed since the first enqueue (or two QA files reuse ids); use another --run name"
+                )
             keys = set().union(*rows) if rows else set()
             new = [dict({k: r.get(k) for k in keys}, run_id=run_id, created_at=now) for r in rows if r["query_id"] not in present]
             for i in range(0, len(new), CHUNK):
@@ -147,6 +176,7 @@ class Queue:
             self._log(conn, now, "expired", [(r.id, r.fence)], r.lease_owner, "crashed" if r in poisoned else "retry")
         return len(expired)
 
+    @retried
     def claim(self, worker: str, limit: int, lease_s: float, run_ids: list[int] | None = None) -> list[Job]:
         """Take up to `limit` pending jobs (whole prefix groups first) under a lease of `lease_s`."""
         with self.engine.begin() as conn:
@@ -199,21 +229,30 @@ class Queue:
                 .where(jobs.c.id == job_id, jobs.c.fence == fence, jobs.c.status == "running")
                 .values(status=status, lease_owner=None, lease_expires_at=None, finished_at=now, **values)
             ).rowcount
+            if not done and conn.execute(
+                sa.select(sa.func.count()).select_from(jobs).where(jobs.c.id == job_id, jobs.c.fence == fence, jobs.c.status == status)
+            ).scalar_one():
+                # Already settled under this very fence: a retry of our own write whose commit
+                # succeeded before the connection dropped. Not a loss, not a second result.
+                return True
             self._log(conn, now, kind if done else "rejected", [(job_id, fence)], worker, detail if done else f"late {kind}")
             if done:
                 conn.execute(sa.update(workers).where(workers.c.id == worker).values(jobs_done=workers.c.jobs_done + 1, heartbeat_at=now))
         return bool(done)
 
+    @retried
     def finish(self, job: Job, worker: str, result: dict) -> bool:
         """Record a prediction. False (and a `rejected` event) if a newer claim owns the job."""
         values = {k: result[k] for k in RESULT_FIELDS if k in result}
         return self._settle(job.id, job.fence, worker, "done", "finished", dict(values, error_kind=None, error_message=None))
 
+    @retried
     def fail(self, job: Job, worker: str, kind: str, message: str, result: dict | None = None) -> bool:
         """Record a classified error. False (and a `rejected` event) if a newer claim owns the job."""
         values = {k: v for k, v in (result or {}).items() if k in RESULT_FIELDS}
         return self._settle(job.id, job.fence, worker, "error", "failed", dict(values, error_kind=kind, error_message=message), kind)
 
+    @retried
     def release(self, held: list[Job], worker: str) -> int:
         """Give claimed-but-unstarted jobs back without counting an attempt."""
         if not held:
@@ -254,12 +293,14 @@ class Queue:
         return len(rows)
 
     # -- workers -------------------------------------------------------------------------------
+    @retried
     def register_worker(self, worker: str, host: str, pid: int, device: str) -> None:
         with self.engine.begin() as conn:
             now = self._now(conn)
             conn.execute(sa.delete(workers).where(workers.c.id == worker))
             conn.execute(sa.insert(workers).values(id=worker, host=host, pid=pid, device=device, started_at=now, heartbeat_at=now, state="running"))
 
+    @retried
     def set_worker_state(self, worker: str, state: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(sa.update(workers).where(workers.c.id == worker).values(state=state, heartbeat_at=self._now(conn)))
@@ -270,6 +311,7 @@ class Queue:
             return [dict(r, age_s=now - r["heartbeat_at"]) for r in conn.execute(sa.select(workers).order_by(workers.c.started_at)).mappings()]
 
     # -- reading -------------------------------------------------------------------------------
+    @retried
     def unfinished(self, run_ids: list[int] | None) -> int:
         """Jobs that are pending or running: a draining worker stops when this reaches zero."""
         q = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status.in_(["pending", "running"]))
@@ -278,9 +320,16 @@ class Queue:
         with self.engine.connect() as conn:
             return conn.execute(q).scalar_one()
 
+    @retried
     def runs_with_pending(self) -> list[int]:
-        q = sa.select(jobs.c.run_id).where(jobs.c.status == "pending").group_by(jobs.c.run_id).order_by(jobs.c.run_id)
+        """Runs with claimable work: pending jobs, or running ones whose lease expired (a dead
+        worker's), which the next claim reaps. Without the latter a queue whose last job lost
+        its worker would wait forever."""
         with self.engine.connect() as conn:
+            now = self._now(conn)
+            q = sa.select(jobs.c.run_id).where(
+                sa.or_(jobs.c.status == "pending", sa.and_(jobs.c.status == "running", jobs.c.lease_expires_at < now))
+            ).group_by(jobs.c.run_id).order_by(jobs.c.run_id)
             return list(conn.execute(q).scalars())
 
     def stats(self, run: Run, window_s: float = 600.0) -> dict:

@@ -13,13 +13,15 @@ from hitq.workers.worker import EXIT_FATAL, WorkerSpec, child_main
 
 log = logging.getLogger("hitq.supervisor")
 BACKOFF_S = (1, 2, 5, 10, 30)  # waits before restarting a child that died, by consecutive deaths
+HEALTHY_S = 60.0  # a child that lived this long before dying starts the backoff over
 
 
 @dataclass
 class Slot:
     spec: WorkerSpec
     process: mp.Process | None = None
-    current: object = None  # shared [job id, fence, start time]
+    current: object = None  # shared [start time, n, id1, fence1, …] of the batch in hand (worker._mark)
+    started_at: float = 0.0
     deaths: int = 0
     restart_at: float = 0.0
     finished: bool = False
@@ -37,7 +39,8 @@ class Supervisor:
         self.fatal = False
 
     def _start(self, slot: Slot) -> None:
-        slot.current = self.ctx.Array("d", 3, lock=False)
+        slot.current = self.ctx.Array("d", 2 + 2 * max(1, slot.spec.batch_size), lock=False)
+        slot.started_at = time.time()
         slot.process = self.ctx.Process(target=child_main, args=(slot.spec, slot.current), daemon=False)
         slot.process.start()
         log.info("started worker %s/%d (pid %d)", slot.spec.device, slot.spec.slot, slot.process.pid, extra={"action": "start_worker"})
@@ -66,12 +69,19 @@ class Supervisor:
             if self.stopping and all(s.process is None or not s.process.is_alive() for s in self.slots):
                 break
             if self.progress and time.monotonic() - last_progress > self.progress_every_s:
-                self.progress()
+                self._progress()
                 last_progress = time.monotonic()
             time.sleep(0.2)
         if self.progress:
-            self.progress()
+            self._progress()
         return 1 if self.fatal else 0
+
+    def _progress(self) -> None:
+        try:
+            self.progress()
+        except Exception as e:  # the database is away: the workers wait for it, so do we
+            log.warning("no progress report: %s", str(e).splitlines()[0] if str(e) else type(e).__name__,
+                        extra={"action": "progress_error"})
 
     def _check(self, slot: Slot, now: float) -> None:
         p = slot.process
@@ -80,14 +90,16 @@ class Supervisor:
                 self._start(slot)
             return
         if p.is_alive():
-            job_id, _fence, started = slot.current[:]
-            if self.job_timeout_s and job_id and now - started > self.job_timeout_s:
-                log.warning("job %d ran past --job-timeout %ss: recycling worker pid %d", int(job_id), self.job_timeout_s, p.pid,
-                            extra={"action": "job_timeout"})
-                slot.history.append(("timeout", int(job_id)))
-                p.kill()
+            started = slot.current[0]
+            if self.job_timeout_s and started and now - started > self.job_timeout_s:
+                p.kill()  # first, so that the batch read below cannot change under us
                 p.join()
-                self._timed_out(slot, int(job_id), int(_fence))
+                n = int(slot.current[1])
+                held = [(int(slot.current[2 + 2 * i]), int(slot.current[3 + 2 * i])) for i in range(n)]
+                log.warning("job(s) %s ran past --job-timeout %ss: recycled worker pid %d", ",".join(str(j) for j, _ in held),
+                            self.job_timeout_s, p.pid, extra={"action": "job_timeout"})
+                slot.history.append(("timeout", [j for j, _ in held]))
+                self._timed_out(slot, held)
                 slot.process = None
                 slot.restart_at = now
             return
@@ -102,21 +114,31 @@ class Supervisor:
                       extra={"action": "fatal"})
             slot.finished, self.fatal = True, True
         else:
+            if now - slot.started_at > HEALTHY_S:
+                slot.deaths = 0
             wait = BACKOFF_S[min(slot.deaths, len(BACKOFF_S) - 1)]
             slot.deaths += 1
             slot.restart_at = now + wait
             log.warning("worker %s/%d died (exit %s): restarting in %ss", slot.spec.device, slot.spec.slot, code, wait,
                         extra={"action": "restart_worker"})
 
-    def _timed_out(self, slot: Slot, job_id: int, fence: int) -> None:
-        """Record `timeout` on the job the killed worker held, fenced like any result."""
+    def _timed_out(self, slot: Slot, held: list[tuple[int, int]]) -> None:
+        """Record `timeout` on the jobs the killed worker held, fenced like any result. A batch that
+        hangs times out as a whole: which of its jobs hung is unknown (`--batch-size 1` tells)."""
         from hitq.jobqueue import open_queue
+        from hitq.jobqueue.database import WORKER_RETRY
         from hitq.jobqueue.store import Job
 
-        queue = open_queue(slot.spec.db, migrate=False)
-        job = Job(job_id, 0, 0, "", "", "", "", "", "", 0, fence)
-        queue.fail(job, f"supervisor:{slot.spec.device}/{slot.spec.slot}", "timeout",
-                   f"generation ran past --job-timeout {self.job_timeout_s}s; the worker was recycled")
+        what = f"a batch of {len(held)}" if len(held) > 1 else "the generation"
+        try:
+            queue = WORKER_RETRY.call(lambda: open_queue(slot.spec.db, migrate=False), what="connect")
+            queue.retry = WORKER_RETRY
+            for job_id, fence in held:
+                queue.fail(Job(job_id, 0, 0, "", "", "", "", "", "", 0, fence), f"supervisor:{slot.spec.device}/{slot.spec.slot}",
+                           "timeout", f"{what} ran past --job-timeout {self.job_timeout_s}s; the worker was recycled")
+        except Exception as e:  # the lease expires and the job is retried: nothing is lost
+            log.error("could not record the timeout: %s", str(e).splitlines()[0] if str(e) else type(e).__name__,
+                      extra={"action": "timeout_not_recorded"})
 
 
 def specs_for(devices: list[str], procs: int, base: WorkerSpec) -> list[WorkerSpec]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 log = logging.getLogger("hitq.worker")
 EXIT_FATAL = 3  # the supervisor does not restart a worker that exits with this code
+EXIT_DB = 4  # the database stayed unreachable: the supervisor restarts the worker with backoff
 
 
 @dataclass(frozen=True)
@@ -33,32 +34,54 @@ class WorkerSpec:
 
 
 class Heartbeat(threading.Thread):
-    """Extends the leases of the jobs in hand; notices when one is taken away."""
+    """Extends the leases of the jobs in hand; notices when one is taken away.
+
+    While the database is away the beats fail (logged, not fatal). The first beat that succeeds
+    again re-validates every lease in hand: jobs whose lease expired and went to another worker
+    are dropped from `held` and listed in `lost`; their results would be rejected by the fence."""
 
     def __init__(self, queue, worker: str, lease_s: float):
         super().__init__(daemon=True, name="hitq-heartbeat")
         self.queue, self.worker, self.lease_s = queue, worker, lease_s
         self.held: dict[int, int] = {}
+        self.lost: set[int] = set()
         self.lock = threading.Lock()
         self.stopped = threading.Event()
 
     def hold(self, jobs) -> None:
         with self.lock:
             self.held = {j.id: j.fence for j in jobs}
+            self.lost = set()
+
+    def beat(self) -> set[int]:
+        """One heartbeat; returns the ids lost since the jobs were claimed."""
+        with self.lock:
+            held = dict(self.held)
+        owned = self.queue.heartbeat(self.worker, held, self.lease_s)
+        with self.lock:
+            gone = {job_id for job_id in set(held) - owned if self.held.get(job_id) == held[job_id]}
+            for job_id in gone:
+                self.held.pop(job_id, None)
+            self.lost |= gone
+        for job_id in gone:
+            log.warning("lost the lease of job %d: its result will be rejected", job_id, extra={"action": "heartbeat_lost"})
+        return gone
 
     def run(self) -> None:
-        while not self.stopped.wait(self.lease_s / 3):
-            with self.lock:
-                held = dict(self.held)
+        failing = 0
+        while not self.stopped.wait(self.lease_s / 3 if not failing else min(self.lease_s / 3, 1.0)):
             try:
-                owned = self.queue.heartbeat(self.worker, held, self.lease_s)
+                gone = self.beat()
             except Exception as e:  # the database is away: keep trying, the fence protects results
-                log.warning("heartbeat failed: %s", str(e).splitlines()[0], extra={"action": "heartbeat_error"})
+                failing += 1
+                if failing == 1 or failing % 30 == 0:
+                    log.warning("heartbeat failed (%d in a row): %s", failing, str(e).splitlines()[0] if str(e) else type(e).__name__,
+                                extra={"action": "heartbeat_error"})
                 continue
-            for job_id in set(held) - owned:
-                log.warning("lost the lease of job %d: its result will be rejected", job_id, extra={"action": "heartbeat_lost"})
-
-
+            if failing:
+                log.info("database back after %d failed heartbeats: leases re-validated, %d lost", failing, len(gone),
+                         extra={"action": "revalidated", "lost": len(gone)})
+            failing = 0
 def child_main(spec: WorkerSpec, current) -> None:
     """Entry point of a spawned worker process. `current` is a shared array the supervisor reads:
     [job id, fence, start time] of the batch in hand (zeros when idle)."""
@@ -67,11 +90,18 @@ def child_main(spec: WorkerSpec, current) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s [worker {spec.device}/{spec.slot} pid {os.getpid()}] %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from hitq.jobqueue.database import is_transient
+
     try:
         code = Worker(spec, current).loop()
     except Exception as e:
-        log.error("worker stopped: %s", str(e).splitlines()[0] if str(e) else type(e).__name__, extra={"action": "fatal"})
-        code = EXIT_FATAL
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if is_transient(e):  # the database stayed away past the retry policy: let the supervisor restart us
+            log.error("worker stopped: database unavailable: %s", reason, extra={"action": "db_unavailable"})
+            code = EXIT_DB
+        else:
+            log.error("worker stopped: %s", reason, extra={"action": "fatal"})
+            code = EXIT_FATAL
     sys.stderr.flush()
     os._exit(code)
 
@@ -79,9 +109,11 @@ def child_main(spec: WorkerSpec, current) -> None:
 class Worker:
     def __init__(self, spec: WorkerSpec, current=None):
         from hitq.jobqueue import open_queue
+        from hitq.jobqueue.database import WORKER_RETRY
 
         self.spec, self.current = spec, current
-        self.queue = open_queue(spec.db, migrate=False)
+        self.queue = WORKER_RETRY.call(lambda: open_queue(spec.db, migrate=False), what="connect")
+        self.queue.retry = WORKER_RETRY
         self.id = f"{socket.gethostname()}:{os.getpid()}:{spec.device}"
         self.stop_requested = False
         self.executors: dict[int, object] = {}
@@ -90,7 +122,10 @@ class Worker:
 
     def _on_term(self, *_):
         if self.stop_requested:  # second signal: give everything back and leave now
-            self.queue.release(self.in_hand, self.id)
+            try:
+                self.queue.release(self.in_hand, self.id)
+            except Exception:  # the database is away: the leases expire and the jobs are retried
+                pass
             os._exit(0)
         self.stop_requested = True
         log.info("stopping after the current batch", extra={"action": "stop_requested"})
@@ -131,8 +166,14 @@ class Worker:
         return 0
 
     def _mark(self, jobs) -> None:
+        """Tell the supervisor what is in hand: [start time, n, id1, fence1, id2, fence2, …]."""
         if self.current is not None:
-            self.current[:] = [jobs[0].id, jobs[0].fence, time.time()] if jobs else [0, 0, 0]
+            jobs = jobs[: (len(self.current) - 2) // 2]
+            self.current[0] = 0.0  # idle while the ids are rewritten: the supervisor skips this slot
+            for i, job in enumerate(jobs):
+                self.current[2 + 2 * i], self.current[3 + 2 * i] = job.id, job.fence
+            self.current[1] = len(jobs)
+            self.current[0] = time.time() if jobs else 0.0
 
     def _executor(self, run_id: int):
         if run_id not in self.executors:

@@ -60,3 +60,15 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout=60) -> str:
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=timeout)
     return out
+
+
+def running_job(queue, run="r") -> tuple[dict, int]:
+    """Wait until a job of `run` is running; return its row and the pid of the worker holding it."""
+    row = wait_for(lambda: next((r for r in queue.result_rows(run) if r["status"] == "running" and r["lease_owner"]), None))
+    return row, int(row["lease_owner"].split(":")[1])
+
+
+def enqueue_fake(data, db_url, *engine_opts, run="r"):
+    """Enqueue the text/csv queries of `data` as run `run` on the fake engine."""
+    opts = [x for opt in engine_opts for x in ("--engine-opt", opt)]
+    hitq("enqueue", "--data", data, "--modality", "text", "--format", "csv", "--engine", "fake", *opts, "--run", run, "--db", db_url)

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 
 from hitq.jobqueue import open_queue
-from tests.acceptance.conftest import hitq, start, stop, wait_for, write_many
+from tests.acceptance.conftest import enqueue_fake, hitq, running_job, start, stop, wait_for, write_many
 
 
 def exactly_once(db_url, run="r"):
@@ -27,7 +27,7 @@ def exactly_once(db_url, run="r"):
 
 def test_eight_workers_drain_3000_jobs_exactly_once(db_url, tmp_path, env):
     data = write_many(tmp_path / "data", 3000)
-    hitq("enqueue", "--data", data, "--modality", "text", "--format", "csv", "--engine", "fake", "--run", "r", "--db", db_url)
+    enqueue_fake(data, db_url)
     out = hitq("work", "--gpu", "cpu", "--procs", "8", "--drain", "--batch-size", "4", "--poll-seconds", "0.1", "--db", db_url, env=env)
     assert "done 3000/3000" in out.stderr
     rows, events = exactly_once(db_url)
@@ -38,12 +38,10 @@ def test_eight_workers_drain_3000_jobs_exactly_once(db_url, tmp_path, env):
 
 def test_kill_9_mid_job_is_rerun_after_the_lease(db_url, tmp_path, env):
     data = write_many(tmp_path / "data", 12)
-    hitq("enqueue", "--data", data, "--modality", "text", "--format", "csv", "--engine", "fake", "--engine-opt", "delay_s=0.4",
-         "--run", "r", "--db", db_url)
+    enqueue_fake(data, db_url, "delay_s=0.4")
     proc = start("work", "--gpu", "cpu", "--procs", "2", "--drain", "--lease-seconds", "2", "--poll-seconds", "0.1", "--db", db_url, env=env)
     q = open_queue(db_url)
-    victim = wait_for(lambda: next((r for r in q.result_rows("r") if r["status"] == "running" and r["lease_owner"]), None))
-    pid = int(victim["lease_owner"].split(":")[1])
+    victim, pid = running_job(q)
     os.kill(pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
@@ -59,12 +57,10 @@ def test_kill_9_mid_job_is_rerun_after_the_lease(db_url, tmp_path, env):
 
 def test_worker_paused_past_its_lease_cannot_overwrite(db_url, tmp_path, env):
     data = write_many(tmp_path / "data", 6)
-    hitq("enqueue", "--data", data, "--modality", "text", "--format", "csv", "--engine", "fake", "--engine-opt", "delay_s=1.0",
-         "--run", "r", "--db", db_url)
+    enqueue_fake(data, db_url, "delay_s=1.0")
     proc = start("work", "--gpu", "cpu", "--procs", "2", "--drain", "--lease-seconds", "1.5", "--poll-seconds", "0.1", "--db", db_url, env=env)
     q = open_queue(db_url)
-    victim = wait_for(lambda: next((r for r in q.result_rows("r") if r["status"] == "running" and r["lease_owner"]), None))
-    pid = int(victim["lease_owner"].split(":")[1])
+    victim, pid = running_job(q)
     os.kill(pid, signal.SIGSTOP)
     wait_for(lambda: next((r for r in q.result_rows("r") if r["id"] == victim["id"] and r["fence"] > victim["fence"]), None), timeout=30)
     time.sleep(1.5)
@@ -79,8 +75,7 @@ def test_worker_paused_past_its_lease_cannot_overwrite(db_url, tmp_path, env):
 
 def test_sigterm_finishes_or_releases_and_exits_0(db_url, tmp_path, env):
     data = write_many(tmp_path / "data", 40)
-    hitq("enqueue", "--data", data, "--modality", "text", "--format", "csv", "--engine", "fake", "--engine-opt", "delay_s=0.3",
-         "--run", "r", "--db", db_url)
+    enqueue_fake(data, db_url, "delay_s=0.3")
     proc = start("work", "--gpu", "cpu", "--procs", "2", "--batch-size", "3", "--poll-seconds", "0.1", "--db", db_url, env=env)
     q = open_queue(db_url)
     wait_for(lambda: q.stats(q.get_run("r"))["counts"]["done"] >= 4)
