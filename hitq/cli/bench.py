@@ -1,0 +1,64 @@
+"""`hitq bench`: GPU throughput of hitq's worker path against the predecessor's method."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+DEFAULT_MODEL = "../shared/models/qwen3-vl-8b-instruct-noweights"
+DEFAULT_REFERENCE = "../shared/reference-runs/qwen3-vl-8b-text_html/results.json"
+
+
+@click.command()
+@click.option("--model", "model_dir", default=DEFAULT_MODEL, show_default=True,
+              help="Qwen3-VL directory; the weights are random bf16 (config, tokenizer and processor are read).")
+@click.option("--data", "data_dir", required=True, help="RealHiTBench copy (QA_final.json, html/, image/ for mix).")
+@click.option("-n", "n", default=300, show_default=True, help="At least this many queries: whole tables, seeded order.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--modality", type=click.Choice(["text", "mix"]), default="text", show_default=True)
+@click.option("--format", "fmt", default="html", show_default=True)
+@click.option("--out-len", type=int, help="Force every output to N tokens (default: the reference answer's length).")
+@click.option("--reference", default=DEFAULT_REFERENCE, show_default=True, help="Reference results.json (answer lengths).")
+@click.option("--baseline-n", type=int, help="Time the baseline on this many of the queries (spread over prompt lengths).")
+@click.option("--claim", default=512, show_default=True, help="Jobs the worker claims at once (groups land together).")
+@click.option("--out", "out_path", help="Write the JSON here too.")
+@click.option("--write-subset", help="Only copy the sampled tables (+ rendered images) to this folder, then exit (CPU).")
+def bench(model_dir, data_dir, n, seed, modality, fmt, out_len, reference, baseline_n, claim, out_path, write_subset):
+    """Run N real queries through (a) the predecessor's method and (b) hitq's queue + worker path
+    on one GPU, in one process, and print queries/s, TFLOP/s, floor fraction and the ratio b/a.
+
+    \b
+    Example:
+      hitq bench --data ~/RealHiTBench --write-subset .carry/bench-data          # CPU: the sample only
+      hitq bench --data .carry/bench-data --model .carry/shared/models/qwen3-vl-8b-instruct-noweights \\
+          --reference .carry/bench-data/reference-results.json --out bench/text-html.json
+    """
+    from hitq.workers import bench as core
+
+    if write_subset:
+        sample = core.write_subset(data_dir, write_subset, n, seed, fmt, images=True)
+        click.echo(f"{len(sample)} queries on {len({q.file_name for q in sample})} tables -> {write_subset}")
+        return
+    from transformers import AutoTokenizer
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(message)s")
+    logging.getLogger("hitq.engine").setLevel(logging.INFO)
+    queries = core.sample_queries(data_dir, n, seed, fmt)
+    lengths = core.reference_lengths(reference, AutoTokenizer.from_pretrained(model_dir))
+    result = core.run(model_dir, data_dir, queries, lengths, modality, fmt, baseline_n, claim, out_len)
+    text = json.dumps(result, indent=2, default=str)
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(text + "\n")
+    a, b = result["baseline"], result["worker"]
+    click.echo(text)
+    click.echo(f"{result['gpu']}: {result['queries']} queries ({modality}/{fmt}), baseline on {a['queries']}")
+    for name, r in (("a predecessor", a), ("b hitq worker", b)):
+        click.echo(f"  {name:14s} {r['queries_per_s']:.3f} q/s  {r['prompt_tokens_per_s']:.0f} prompt tok/s  "
+                   f"{r['useful_tflops']:.0f} TFLOP/s  floor {r['floor_fraction_shared_prefix']:.2f} (shared) "
+                   f"{r['floor_fraction_all_prefilled']:.2f} (all)  peak {r['peak_memory_gib']:.1f} GiB  "
+                   f"full pass {r['projected_full_pass_min']:.1f} min")
+    click.echo(f"  ratio b/a {result['ratio_b_over_a']:.2f}   logit check {result['logit_check']}")
