@@ -117,6 +117,7 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{spec.device}"
         self.stop_requested = False
         self.executors: dict[int, object] = {}
+        self.engine, self.engine_key = None, None  # the loaded model and what it was loaded for
         self.in_hand: list = []
         signal.signal(signal.SIGTERM, self._on_term)
 
@@ -176,6 +177,8 @@ class Worker:
             self.current[0] = time.time() if jobs else 0.0
 
     def _executor(self, run_id: int):
+        """The Executor of `run_id`. One model is in memory at a time; it is kept when the next
+        run uses the same engine, model directory and engine options (no 8B reload per run)."""
         if run_id not in self.executors:
             from hitq.engine import load_engine
             from hitq.workers.execute import Executor
@@ -183,7 +186,10 @@ class Worker:
             run = next(r for r in self.queue.list_runs() if r.id == run_id)
             config = run.config
             options = dict(config.get("extra", {}).get("engine_opts", {}))
-            device = "cpu" if self.spec.device == "cpu" else "cuda"
-            engine = load_engine(config.get("engine", "transformers"), config.get("model_dir"), device=device, **options)
-            self.executors = {run_id: Executor(self.queue, self.id, run, engine)}  # one model in memory at a time
+            key = (config.get("engine", "transformers"), config.get("model_dir"), tuple(sorted(options.items())))
+            if self.engine_key != key:
+                self.executors, self.engine = {}, None  # free the old model before loading the next
+                device = "cpu" if self.spec.device == "cpu" else "cuda"
+                self.engine, self.engine_key = load_engine(key[0], key[1], device=device, **options), key
+            self.executors = {run_id: Executor(self.queue, self.id, run, self.engine)}
         return self.executors[run_id]

@@ -1,0 +1,24 @@
+"""A worker keeps its model across runs that use the same engine, model and options."""
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+import hitq.engine
+from hitq.benchmark.sample import write_sample
+from hitq.cli.main import cli
+from hitq.jobqueue import open_queue
+from hitq.workers.worker import Worker, WorkerSpec
+
+
+def test_one_model_load_for_runs_with_the_same_engine(tmp_path, monkeypatch):
+    data, db = write_sample(tmp_path / "data", images=False), str(tmp_path / "h.db")
+    for fmt, opts in (("html", []), ("csv", []), ("json", ["--engine-opt", "delay_s=0"])):
+        result = CliRunner().invoke(cli, ["enqueue", "--data", str(data), "--modality", "text", "--format", fmt, "--engine", "fake", *opts, "--db", db])
+        assert result.exit_code == 0, result.output
+    loads = []
+    real = hitq.engine.load_engine
+    monkeypatch.setattr(hitq.engine, "load_engine", lambda *a, **k: loads.append((a, k)) or real(*a, **k))
+    assert Worker(WorkerSpec(db=db, device="cpu", drain=True, poll_s=0.05)).loop() == 0
+    queue = open_queue(db)
+    assert all(queue.stats(run)["counts"]["done"] == 17 for run in queue.list_runs())
+    assert len(loads) == 2  # html and csv share one engine; json has other engine options
