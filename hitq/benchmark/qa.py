@@ -68,6 +68,9 @@ def _read_rows(data_dir: str, qa_file: str | None) -> list[dict]:
     return rows
 
 
+MAX_FILE_NAME = 200  # characters; file systems allow 255 bytes for <name>.<ext>
+
+
 def _check_row(row: object, pos: int, path: Path) -> None:
     if not isinstance(row, dict):
         raise DataError(f"QA row {pos} is not an object: {path}")
@@ -79,6 +82,14 @@ def _check_row(row: object, pos: int, path: Path) -> None:
         value = row[key]
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise DataError(f"{where}: {key} must be {typ.__name__}, got {type(value).__name__}: {path}")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate from a JSON \ud800 escape
+                raise DataError(f"{where}: {key} holds text that is not valid Unicode ({e.reason}): {path}") from None
+    name = row["FileName"]
+    if not name or len(name) > MAX_FILE_NAME or any(c in name for c in "/\\\0") or name in (".", ".."):
+        raise DataError(f"{where}: FileName {name[:60]!r} is not a table name (empty, too long or a path): {path}")
 
 
 def derive_sc(rows: list[dict]) -> list[dict]:
