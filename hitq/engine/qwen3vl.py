@@ -205,10 +205,15 @@ class TransformersEngine:
         random_weights: bool = False,
         inject_oom: str | Callable[[list[Prepared]], bool] | None = None,
         image_cap_pixels: int = HARD_CAP_PIXELS,
+        fast: Any = False,
+        force_lengths: dict | None = None,
+        max_batch_rows: int = 64,
+        kv_budget_tokens: int | None = None,
         **unknown: Any,
     ):
         if unknown:
-            known = "dtype, attn, load_weights, random_weights, inject_oom, image_cap_pixels"
+            known = ("dtype, attn, load_weights, random_weights, inject_oom, image_cap_pixels, fast, force_lengths, "
+                     "max_batch_rows, kv_budget_tokens")
             raise UsageError(f"unknown transformers engine option(s) {', '.join(sorted(unknown))}: choose from {known}")
         self.model_dir = Path(model_dir) if model_dir else None
         if self.model_dir is None or not self.model_dir.is_dir():
@@ -222,6 +227,13 @@ class TransformersEngine:
         spec = inject_oom if inject_oom is not None else os.environ.get(INJECT_OOM_ENV) or None
         self.oom_injector = OOMInjector(spec) if spec else None
         self.weights = "random" if _flag(random_weights) else "loaded" if _flag(load_weights) else "none"
+        # Opt-in (--engine-opt fast=true) until it is proven on the GPU: greedy requests go through
+        # hitq.engine.fastgen (shared prefixes, batched decode); see bench/README.md.
+        self.fast = _flag(fast)
+        # Benchmarks only: request key -> exact number of new tokens (EOS and answer stops ignored).
+        self.force_lengths = {str(k): int(v) for k, v in (force_lengths or {}).items()}
+        self.max_batch_rows = int(max_batch_rows)
+        self.kv_budget_tokens = int(kv_budget_tokens) if kv_budget_tokens is not None else None
 
         from transformers import AutoProcessor
 
@@ -427,6 +439,8 @@ class TransformersEngine:
             raise EngineOOM(f"injected out of memory ({clause}) on {self.device}: {sizes}")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.fast and settings.temperature <= 0:
+            return self._generate_fast(batch, sizes)
         oom = None
         try:
             inputs = self.collate(batch)
@@ -462,6 +476,46 @@ class TransformersEngine:
             outputs.append(Output(p.key, text, n_out, seconds / len(batch), extra))
         return outputs
 
+    def _generate_fast(self, batch: list[Prepared], sizes: str) -> list[Output]:
+        """Greedy: groups sharing a prefix prefill it once; decode batches planned under the free
+        memory run all their rows together (hitq.engine.fastgen, hitq.engine.planner)."""
+        from hitq.engine import fastgen, planner
+
+        rows = [fastgen.Row(p, self.force_lengths.get(str(p.key), p.max_new_tokens), str(p.key) in self.force_lengths)
+                for p in batch]
+        groups = fastgen.make_groups(rows, self.image_token_id)
+        budget = planner.device_budget(self.model, self.device, self.max_batch_rows, self.kv_budget_tokens)
+        plan = planner.plan(groups, budget, length=lambda g: g.longest, limit=lambda g: max(r.limit for r in g.rows),
+                            cap=lambda g: max(r.prepared.max_new_tokens for r in g.rows))
+        stopper = fastgen.Stopper(self.tokenizer, self.eos_ids, answer_complete)
+        kwarg = fastgen.cache_kwarg(self.model)
+        outputs: dict[int, Output] = {}
+        oom = None
+        try:
+            for decode_batch in plan:
+                with torch.inference_mode():
+                    timing = fastgen.run_batch(self.model, decode_batch, stopper, self.eos_ids, self.device, kwarg,
+                                               lambda: _device_sync(self.device))
+                reserved = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
+                seconds = timing["prefill_s"] + timing["decode_s"]
+                for g in decode_batch:
+                    for r in g.rows:
+                        extra = dict(timing, input_tokens=r.prepared.count.tokens, shared_prefix=g.split if len(g.rows) > 1 else 0,
+                                     batch_size=timing["rows"], batch_seconds=seconds, max_memory_reserved=reserved,
+                                     forced_length=r.forced)
+                        text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
+                        outputs[id(r.prepared)] = Output(r.prepared.key, text, len(r.ids), seconds / timing["rows"], extra)
+        except Exception as e:  # noqa: BLE001
+            if not _is_oom(e):
+                raise
+            oom = _one_line(e)
+        if oom is not None:
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise EngineOOM(f"out of memory on {self.device}: {sizes}: {oom}")
+        return [outputs[id(p)] for p in batch]
+
     def describe(self) -> dict:
         """Device name, library versions, dtype and attention kernel, for result rows and reports."""
         import transformers
@@ -479,5 +533,6 @@ class TransformersEngine:
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.attn,
             "weights": self.weights,
+            "generation": "fastgen (shared prefixes, batched decode)" if self.fast else "model.generate",
             "parameters": sum(p.numel() for p in self.model.parameters()) if self.model is not None else None,
         }

@@ -1,0 +1,356 @@
+"""`hitq bench`: the predecessor's method against hitq's worker path, one model, one process.
+
+    sample = sample_queries(data_dir, n=300, seed=0)        # whole tables with all their questions
+    result = run(model_dir, data_dir, sample, lengths)       # (a) baseline, (b) queue path, JSON dict
+
+(a) the predecessor's method: one query at a time, prompt fitted and prepared on the CPU, then
+    `model.generate` (sdpa), every output forced to its reference length.
+(b) hitq: the queries enqueued in a fresh SQLite queue and drained by a real `Worker`
+    (claim -> Executor.run_batch -> engine.generate -> finish), the engine shared with (a).
+Both include their CPU work (fitting, tokenising, image loading) in their wall time.
+
+Useful FLOPs of a query with P prompt and O output tokens: 2 N (P + O) + 2 n_layers d_attn (P + O)^2
+(N: text-model parameters without the embedding table; d_attn = heads x head_dim; causal QK^T and
+AV) + 2 N_vision x image patches. The floor is those FLOPs at PEAK_FLOPS; the shared floor counts
+each group's common prefix once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from hitq.benchmark import prompts, qa, tables
+from hitq.benchmark.preflight import prepare_query
+from hitq.benchmark.query import Query, job_row
+from hitq.engine.base import ImageLimits
+from hitq.errors import JobError
+from hitq.runconfig import RunConfig
+
+log = logging.getLogger("hitq.bench")
+PEAK_FLOPS = 790e12  # bf16 dense, H100/H200 (measured 778-798 TFLOP/s on this workplace's cards)
+FULL_SET = 3063  # text/html queries with a table file, the full pass the projection is for
+
+
+def _rank(seed: int, file_name: str) -> str:
+    return hashlib.sha1(f"{seed}\0{file_name}".encode()).hexdigest()
+
+
+def sample_queries(data_dir: str, n: int, seed: int = 0, fmt: str = "html") -> list[Query]:
+    """Whole tables (all their questions) in a seeded order until at least n queries; tables
+    without a readable file are skipped. A copy holding only the chosen tables samples the same."""
+    by_table: dict[str, list[Query]] = defaultdict(list)
+    for q in qa.load_queries(data_dir):
+        by_table[q.file_name].append(q)
+    chosen: list[Query] = []
+    for name in sorted(by_table, key=lambda f: _rank(seed, f)):
+        if len(chosen) >= n:
+            break
+        path = tables.table_path(data_dir, fmt, name)
+        if path.is_file() and not tables.is_lfs_pointer(path):
+            chosen.extend(by_table[name])
+    return sorted(chosen, key=lambda q: q.id)
+
+
+def write_subset(data_dir: str, out_dir: str, n: int, seed: int = 0, fmt: str = "html", images: bool = True) -> list[Query]:
+    """Copy the sampled tables (and QA_final.json) to out_dir; with images, render each table to
+    image/<table>.png (hitq.benchmark.render: stand-ins, the shared copy's PNGs are LFS pointers)."""
+    import shutil
+
+    from hitq.benchmark import render
+
+    sample = sample_queries(data_dir, n, seed, fmt)
+    out = Path(out_dir)
+    (out / fmt).mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(data_dir) / "QA_final.json", out / "QA_final.json")
+    for name in sorted({q.file_name for q in sample}):
+        src = tables.table_path(data_dir, fmt, name)
+        shutil.copy(src, out / fmt / src.name)
+        if images:
+            image = tables.image_path(out, name)
+            image.parent.mkdir(parents=True, exist_ok=True)
+            render.render_table_png(src, fmt, image)
+    return sample
+
+
+def reference_lengths(results_json: str, tokenizer) -> dict[int, int]:
+    """Token length of each answer (`Prediction`) of the reference run; errors are left out."""
+    rows = json.loads(Path(results_json).read_text())["results"]
+    return {r["id"]: max(1, len(tokenizer(r["Prediction"])["input_ids"])) for r in rows
+            if not str(r["Prediction"]).startswith("[ERROR")}
+
+
+# -- FLOPs ----------------------------------------------------------------------------------
+
+
+def model_shape(model) -> dict:
+    c = model.config.text_config
+    lm = model.model.language_model
+    layers = sum(p.numel() for p in lm.layers.parameters()) + sum(p.numel() for p in model.lm_head.parameters())
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return {"text_params": layers, "vision_params": vision, "layers": c.num_hidden_layers,
+            "d_attn": c.num_attention_heads * head_dim}
+
+
+def flops(shape: dict, prompt: int, out: int, patches: int = 0, prefix: int = 0) -> float:
+    """Useful FLOPs of one query; with prefix > 0, those of its part after a shared prefix."""
+    total = prompt + out
+    linear = 2 * shape["text_params"] * (total - prefix)
+    attention = 2 * shape["layers"] * shape["d_attn"] * (total**2 - prefix**2)
+    return linear + attention + (2 * shape["vision_params"] * patches if not prefix else 0)
+
+
+# -- the two paths --------------------------------------------------------------------------
+
+
+def _prepare(engine, query: Query, config: RunConfig, prompt_set, limit: int):
+    fitted = prepare_query(query, config, prompt_set, engine.count_tokens)
+    return engine.prepare(query.id, fitted.messages, ImageLimits(config.min_pixels, config.max_pixels), limit,
+                          stop_at_answer=False, prefix_key=None)
+
+
+def run_baseline(engine, queries: list[Query], config: RunConfig, lengths: dict[int, int]) -> dict:
+    """The predecessor's method: fit + prepare, then model.generate one query at a time."""
+    import torch
+
+    prompt_set = prompts.load_prompt_set(config.prompts, config.data_dir)
+    _reset_peak()
+    tokens, outs, errors = [], [], 0
+    _sync()
+    start = time.perf_counter()
+    for q in queries:
+        n = lengths[q.id]
+        try:
+            p = _prepare(engine, q, config, prompt_set, n)
+        except JobError:
+            errors += 1
+            continue
+        inputs = engine.collate([p])
+        with torch.inference_mode():
+            seq = engine.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, temperature=1.0,
+                                        top_p=1.0, top_k=50, eos_token_id=engine.eos_ids, pad_token_id=engine.pad_id)
+        tokens.append(p.count.tokens)
+        outs.append(seq.shape[1] - inputs["input_ids"].shape[1])
+    _sync()
+    seconds = time.perf_counter() - start
+    return {"queries": len(tokens), "errors": errors, "seconds": seconds, "prompt_tokens": sum(tokens),
+            "output_tokens": sum(outs), "peak_memory_gib": _peak_gib()}
+
+
+def run_worker(engine, queries: list[Query], config: RunConfig, claim: int, db_dir: str) -> dict:
+    """hitq's path: enqueue into a fresh SQLite queue, drain it with a Worker holding `engine`."""
+    import torch
+
+    from hitq.jobqueue import open_queue
+    from hitq.workers.execute import Executor
+    from hitq.workers.worker import Worker, WorkerSpec
+
+    url = f"sqlite:///{Path(db_dir) / 'bench.db'}"
+    queue = open_queue(url)
+    name = f"bench-{config.modality}-{config.format}"
+    queue.enqueue(name, config.to_json(), config.hash, [job_row(q, config.modality, config.format) for q in queries])
+    spec = WorkerSpec(db=url, device="0", run_name=name, drain=True, lease_s=3600.0, batch_size=claim, poll_s=0.05)
+    worker = Worker(spec)
+    run = worker.queue.get_run(name)
+    worker.executors = {run.id: Executor(worker.queue, worker.id, run, engine)}  # the loaded engine, shared with (a)
+    _reset_peak()
+    _sync()
+    start = time.perf_counter()
+    worker.loop()
+    _sync()
+    seconds = time.perf_counter() - start
+    rows = queue.result_rows(name)
+    done = [r for r in rows if r.get("status") in ("done", "error") and r.get("output_tokens") is not None]
+    return {"queries": len(done), "statuses": dict(sorted(_count(r.get("status") for r in rows).items())),
+            "error_kinds": dict(sorted(_count(r.get("error_kind") for r in rows if r.get("error_kind")).items())),
+            "seconds": seconds, "prompt_tokens": sum(r.get("input_tokens") or 0 for r in done),
+            "output_tokens": sum(r.get("output_tokens") or 0 for r in done),
+            "peak_memory_gib": _peak_gib(), "claim_batch": claim, "db": "sqlite"}
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
+
+
+def _count(values) -> dict:
+    out: dict = defaultdict(int)
+    for v in values:
+        out[v] += 1
+    return out
+
+
+def check_logits(engine, prepared: list) -> dict:
+    """First-token logits of the fast path (shared prefix + suffix) against one full forward each."""
+    import torch
+
+    from hitq.engine import fastgen
+
+    rows = [fastgen.Row(p, 1) for p in prepared]
+    group = fastgen.make_groups(rows, engine.image_token_id)[0]
+    kwarg = fastgen.cache_kwarg(engine.model)
+    worst, agree = 0.0, 0
+    with torch.inference_mode():
+        fast = fastgen.prefill_group(engine.model, group, engine.device, kwarg)[0]
+        for r, got in zip(group.rows, fast):
+            want = engine.model(**engine.collate([r.prepared]), logits_to_keep=1).logits[:, -1].float()
+            got = got.float()
+            worst = max(worst, float((got - want).norm() / want.norm()))
+            agree += int(got.argmax() == want.argmax())
+    return {"rows": len(group.rows), "shared_prefix": group.split, "max_rel_error": worst, "argmax_agree": agree}
+
+
+# -- the whole bench ------------------------------------------------------------------------
+
+
+def run(model_dir: str, data_dir: str, queries: list[Query], lengths: dict[int, int], modality: str = "text",
+        fmt: str = "html", baseline_n: int | None = None, claim: int = 64, out_len: int | None = None,
+        device: str = "cuda", random_weights: bool = True) -> dict:
+    """Build the engine (random bf16 weights), check the fast path, time (a) and (b)."""
+    import importlib.metadata
+
+    import torch
+    import transformers
+
+    from hitq.engine.qwen3vl import TransformersEngine
+
+    t0 = time.perf_counter()
+    median = int(statistics.median(lengths.values()))
+    # The reference run allowed 4096 new tokens; hitq caps by question type (512/1024/2048), so a
+    # reference answer longer than hitq's cap is forced to the cap, on both paths.
+    forced = {q.id: out_len or min(lengths.get(q.id, median), prompts.default_max_new_tokens(q)) for q in queries}
+    engine = TransformersEngine(model_dir, device=device, random_weights=random_weights, force_lengths=forced, fast=True)
+    config = RunConfig(modality=modality, format=fmt, data_dir=str(data_dir), model_dir=str(model_dir),
+                       format_retries=0, extra={"bench": True, "forced_output_lengths": "reference" if not out_len else out_len})
+    prompt_set = prompts.load_prompt_set(config.prompts)
+    config = RunConfig(**{**config.to_json(), "prompts_hash": prompt_set.sha256})
+    build_s = time.perf_counter() - t0
+
+    # Every query once on the CPU, for token counts, shared prefixes and the checks (not timed).
+    prepared, errors = {}, 0
+    for q in queries:
+        try:
+            p = _prepare(engine, q, config, prompt_set, forced[q.id])
+            p.prefix_key = job_row(q, modality, fmt)["prefix_key"]
+            prepared[q.id] = p
+        except JobError:
+            errors += 1
+    shape = model_shape(engine.model)
+    work = _work(queries, prepared, forced, shape, engine)
+
+    groups = defaultdict(list)
+    for q in queries:
+        if q.id in prepared:
+            groups[prepared[q.id].prefix_key].append(prepared[q.id])
+    shared = [g for g in groups.values() if len(g) >= 2] or list(groups.values())
+    small = min(shared, key=lambda g: max(p.count.tokens for p in g))
+    check = check_logits(engine, small[:4])
+    warm = sorted(prepared.values(), key=lambda p: p.count.tokens)[:2]
+    engine.generate(warm, _greedy())  # warm-up: kernels, cuBLAS handles, allocator
+    engine.model.generate(**engine.collate(warm[:1]), max_new_tokens=2, do_sample=False)
+
+    base_queries = _systematic(queries, prepared, baseline_n)
+    with tempfile.TemporaryDirectory() as tmp:
+        b = run_worker(engine, queries, config, claim, tmp)
+    log.warning("worker path: %s", json.dumps(b))
+    a = run_baseline(engine, base_queries, config, forced)
+    log.warning("baseline: %s", json.dumps(a))
+    for r in (a, b):
+        r["queries_per_s"] = r["queries"] / r["seconds"]
+        r["prompt_tokens_per_s"] = r["prompt_tokens"] / r["seconds"]
+    a_flops = sum(work["flops"][q.id] for q in base_queries if q.id in prepared)
+    a["useful_tflops"] = a_flops / a["seconds"] / 1e12
+    b["useful_tflops"] = work["total_flops"] / b["seconds"] / 1e12
+    for r, fl, sh in ((a, a_flops, a_flops * work["shared_flops"] / work["total_flops"]),
+                      (b, work["total_flops"], work["shared_flops"])):
+        r["floor_fraction_all_prefilled"] = fl / PEAK_FLOPS / r["seconds"]
+        r["floor_fraction_shared_prefix"] = sh / PEAK_FLOPS / r["seconds"]
+        r["projected_full_pass_min"] = FULL_SET / r["queries_per_s"] / 60
+    return {
+        "gpu": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,
+        "transformers": transformers.__version__, "flash_attn": _version(importlib.metadata, "flash_attn"),
+        "engine": engine.describe(), "modality": modality, "format": fmt, "prompt_layout": "default (not table-first)",
+        "output_lengths": f"fixed {out_len}" if out_len else
+        "reference run's answer lengths (results.json Prediction tokens), capped at hitq's max_new_tokens by type",
+        "queries": len(queries), "prepare_errors": errors, "tables": len({q.file_name for q in queries}),
+        "groups": len(groups), "questions_per_group": len(prepared) / max(1, len(groups)),
+        "prompt_tokens": _summary([p.count.tokens for p in prepared.values()]),
+        "output_tokens": _summary([forced[q] for q in prepared]),
+        "model": shape, "peak_flops": PEAK_FLOPS, "useful_flops": work["total_flops"],
+        "floor_s_all_prefilled": work["total_flops"] / PEAK_FLOPS, "floor_s_shared_prefix": work["shared_flops"] / PEAK_FLOPS,
+        "logit_check": check, "baseline": a, "worker": b, "baseline_queries": len(base_queries),
+        "ratio_b_over_a": b["queries_per_s"] / a["queries_per_s"], "build_s": build_s,
+    }
+
+
+def _greedy():
+    from hitq.engine.base import GenerationSettings
+
+    return GenerationSettings()
+
+
+def _version(md, name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+def _summary(values: list[int]) -> dict:
+    return {"n": len(values), "mean": statistics.mean(values), "median": statistics.median(values), "max": max(values),
+            "sum": sum(values)} if values else {}
+
+
+def _systematic(queries: list[Query], prepared: dict, n: int | None) -> list[Query]:
+    """n queries spread evenly over the sample sorted by prompt length (all when n is None)."""
+    ok = sorted((q for q in queries if q.id in prepared), key=lambda q: prepared[q.id].count.tokens)
+    if not n or n >= len(ok):
+        return ok
+    return [ok[int((i + 0.5) * len(ok) / n)] for i in range(n)]
+
+
+def _work(queries, prepared, forced, shape, engine) -> dict:
+    """Useful FLOPs per query, and the total with each group's common prefix counted once."""
+    from hitq.engine import fastgen
+
+    per, shared = {}, 0.0
+    groups = defaultdict(list)
+    for q in queries:
+        if q.id in prepared:
+            p = prepared[q.id]
+            patches = int(p.inputs["image_grid_thw"].prod(-1).sum()) if "image_grid_thw" in p.inputs else 0
+            per[q.id] = flops(shape, p.count.tokens, forced[q.id], patches)
+            groups[p.prefix_key].append((p, forced[q.id], patches))
+    for members in groups.values():
+        rows = [fastgen.Row(p, n) for p, n, _ in members]
+        g = fastgen.make_groups(rows, engine.image_token_id)
+        for grp in g:
+            split = grp.split if len(grp.rows) > 1 else 0
+            for i, r in enumerate(grp.rows):
+                p, n = r.prepared, r.limit
+                patches = next(pt for pp, _, pt in members if pp is p)
+                shared += flops(shape, p.count.tokens, n, patches, prefix=split)
+            if split:
+                shared += flops(shape, split, 0, next(pt for pp, _, pt in members if pp is grp.rows[0].prepared))
+    return {"flops": per, "total_flops": sum(per.values()), "shared_flops": shared}

@@ -1,0 +1,90 @@
+"""hitq.engine.fastgen against one-at-a-time model.generate on the tiny model (CPU): shared
+prefixes (text and image), singletons, natural stops and forced lengths give the same tokens."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from PIL import Image  # noqa: E402
+
+from hitq.engine import planner  # noqa: E402
+from hitq.engine.base import GenerationSettings, ImageLimits  # noqa: E402
+from hitq.engine.qwen3vl import TransformersEngine  # noqa: E402
+
+LIMITS, GREEDY = ImageLimits(), GenerationSettings()
+TABLE = "<table>" + "".join(f"<tr><td>r{i}</td><td>{i * 7}</td></tr>" for i in range(40)) + "</table>"
+QUESTIONS = ["What is r3?", "Sum of all values?", "Which row is largest, and why is that so?", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model, tmp_path_factory):
+    picture = tmp_path_factory.mktemp("fastgen") / "table.png"
+    Image.new("RGB", (200, 160), (30, 60, 90)).save(picture)
+    fast = TransformersEngine(tiny_model, fast=True)
+    slow = TransformersEngine(tiny_model, fast=False, load_weights=False)
+    slow.model = fast.model
+    return fast, slow, picture
+
+
+def _messages(question, picture=None, table=TABLE):
+    content = [{"type": "image", "image": str(picture)}] if picture else []
+    return [{"role": "user", "content": content + [{"type": "text", "text": f"Task: answer.\n{table}\nQuestion: {question}"}]}]
+
+
+def _requests(engine, picture):
+    reqs = [(i, _messages(q), 12 + 5 * i, i % 2 == 0, "text") for i, q in enumerate(QUESTIONS)]
+    reqs += [(10 + i, _messages(q, picture), 20, True, "image") for i, q in enumerate(QUESTIONS)]
+    reqs += [(20, _messages("alone"), 30, False, None), (21, _messages("short", table="tiny"), 9, True, "single")]
+    return [engine.prepare(k, m, LIMITS, n, stop, key) for k, m, n, stop, key in reqs]
+
+
+def test_fast_path_equals_one_at_a_time_generate(engines):
+    fast, slow, picture = engines
+    batch = _requests(fast, picture)
+    got = fast.generate(batch, GREEDY)
+    want = [slow.generate([p], GREEDY)[0] for p in batch]
+    assert [(o.key, o.text, o.output_tokens) for o in got] == [(o.key, o.text, o.output_tokens) for o in want]
+    shared = {o.key: o.extra["shared_prefix"] for o in got}
+    assert shared[0] > 0 and shared[10] > shared[0] and shared[20] == 0  # the image group shares its image too
+
+
+def test_forced_lengths_equal_generate_with_min_new_tokens(engines):
+    fast, slow, picture = engines
+    batch = _requests(fast, picture)
+    fast.force_lengths = {str(p.key): 5 + (i % 3) * 11 for i, p in enumerate(batch)}
+    try:
+        got = fast.generate(batch, GREEDY)
+    finally:
+        forced, fast.force_lengths = fast.force_lengths, {}
+    with torch.inference_mode():
+        for p, out in zip(batch, got):
+            n = forced[str(p.key)]
+            inputs = slow.collate([p])
+            seq = fast.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, temperature=1.0,
+                                      top_p=1.0, top_k=50, eos_token_id=slow.eos_ids, pad_token_id=slow.pad_id)
+            ids = seq[0, inputs["input_ids"].shape[1]:].tolist()
+            assert (out.output_tokens, out.text) == (n, slow.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def test_small_kv_budget_splits_into_several_decode_batches(engines):
+    fast, slow, picture = engines
+    batch = _requests(fast, picture)
+    want = [(o.text, o.output_tokens) for o in fast.generate(batch, GREEDY)]
+    fast.kv_budget_tokens = 3000
+    try:
+        got = fast.generate(batch, GREEDY)
+    finally:
+        fast.kv_budget_tokens = None
+    assert [(o.text, o.output_tokens) for o in got] == want
+    assert max(o.extra["batch_size"] for o in got) < len(batch)
+
+
+def test_planner_packs_by_cap_then_length_under_the_budget():
+    class G:
+        def __init__(self, n, length, cap):
+            self.rows, self.length, self.cap = [0] * n, length, cap
+
+    groups = [G(2, 100, 512), G(1, 900, 512), G(3, 50, 2048), G(1, 10, 512)]
+    budget = planner.Budget(bytes=4000, kv_per_token=1, workspace_per_token=0, max_rows=4)
+    batches = planner.plan(groups, budget, length=lambda g: g.length, limit=lambda g: 100, cap=lambda g: g.cap)
+    assert [[g.length for g in b] for b in batches] == [[50, 900], [100, 10]]  # 4 rows x 1000 fits; 6 rows do not
