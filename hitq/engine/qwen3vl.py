@@ -441,6 +441,18 @@ class TransformersEngine:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.fast and settings.temperature <= 0:
             return self._generate_fast(batch, sizes)
+        # Length-aware sub-batches: similar prompt lengths pad little (a 99k prompt beside a 5k one
+        # would pad the short one to 99k).
+        done: dict[int, Output] = {}
+        for sub in plan_batches(batch, self.max_batch_rows, self.kv_budget_tokens):
+            for p, o in zip(sub, self._generate_padded(sub, settings)):
+                done[id(p)] = o
+        return [done[id(p)] for p in batch]
+
+    def _generate_padded(self, batch: list[Prepared], settings: GenerationSettings) -> list[Output]:
+        """One left-padded `model.generate` call for `batch`."""
+        prompt_tokens = [p.count.tokens for p in batch]
+        sizes = f"batch of {len(batch)}, prompt tokens {sum(prompt_tokens)} (longest {max(prompt_tokens)}), max_new_tokens {max(p.max_new_tokens for p in batch)}"
         oom = None
         try:
             inputs = self.collate(batch)

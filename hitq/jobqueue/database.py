@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from hitq.errors import DatabaseError
 
 DEFAULT_URL = "sqlite:///hitq.db"
+READ_ONLY = "hitq_read_only"  # execution option marking a connection that only reads
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # how long a writer waits for the SQLite write lock (env HITQ_SQLITE_BUSY_TIMEOUT_MS)
 # Filesystems on which SQLite's locking is unreliable (several processes, several hosts).
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb", "smbfs", "smb3", "sshfs", "fuse.sshfs", "9p", "afs", "lustre", "gpfs", "beegfs", "glusterfs", "fuse.glusterfs", "ceph", "fuse.ceph"}
@@ -194,8 +195,9 @@ def _sqlite_engine(url: str, mounts: str) -> sa.Engine:
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn):
-        # Take the write lock up front: claimers serialise instead of failing on lock upgrade.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front: claimers serialise instead of failing on lock
+        # upgrade. Reads (Queue.reading) begin deferred: in WAL mode they never wait for a writer.
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
     try:
         with engine.connect():

@@ -18,7 +18,7 @@ from typing import Iterable
 import sqlalchemy as sa
 
 from hitq.errors import NotFound, RunConfigConflict
-from hitq.jobqueue.database import NO_RETRY, RetryPolicy
+from hitq.jobqueue.database import NO_RETRY, READ_ONLY, RetryPolicy
 from hitq.jobqueue.models import events, jobs, runs, workers
 
 # What makes a job the same query: re-enqueueing an id with other values is refused, not ignored.
@@ -77,6 +77,11 @@ class Queue:
         self.is_postgres = engine.dialect.name == "postgresql"
         self.retry = retry  # workers wait out a lost database; CLI commands fail at once
 
+    def _reading(self) -> sa.Connection:
+        """A connection for reads only: on SQLite its transaction begins deferred, so status,
+        exports and watchers never queue behind claimers for the write lock."""
+        return self.engine.connect().execution_options(**{READ_ONLY: True})
+
     # -- clock ---------------------------------------------------------------------------------
     def _now(self, conn: sa.Connection) -> float:
         """Lease time: the database clock on PostgreSQL (hosts may be skewed), else the local one."""
@@ -96,7 +101,7 @@ class Queue:
     # -- runs ----------------------------------------------------------------------------------
     @retried
     def get_run(self, name: str) -> Run:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(sa.select(runs).where(runs.c.name == name)).mappings().first()
         if row is None:
             raise NotFound(f"no run named {name!r}: see `hitq status` for the runs in this database")
@@ -104,7 +109,7 @@ class Queue:
 
     @retried
     def list_runs(self) -> list[Run]:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return [Run(**r) for r in conn.execute(sa.select(runs).order_by(runs.c.id)).mappings()]
 
     def enqueue(self, name: str, config: dict, config_hash: str, rows: list[dict], event: str = "enqueued") -> tuple[int, int]:
@@ -306,7 +311,7 @@ class Queue:
             conn.execute(sa.update(workers).where(workers.c.id == worker).values(state=state, heartbeat_at=self._now(conn)))
 
     def list_workers(self) -> list[dict]:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             now = self._now(conn)
             return [dict(r, age_s=now - r["heartbeat_at"]) for r in conn.execute(sa.select(workers).order_by(workers.c.started_at)).mappings()]
 
@@ -317,7 +322,7 @@ class Queue:
         q = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status.in_(["pending", "running"]))
         if run_ids is not None:
             q = q.where(jobs.c.run_id.in_(run_ids))
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return conn.execute(q).scalar_one()
 
     @retried
@@ -325,7 +330,7 @@ class Queue:
         """Runs with claimable work: pending jobs, or running ones whose lease expired (a dead
         worker's), which the next claim reaps. Without the latter a queue whose last job lost
         its worker would wait forever."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             now = self._now(conn)
             q = sa.select(jobs.c.run_id).where(
                 sa.or_(jobs.c.status == "pending", sa.and_(jobs.c.status == "running", jobs.c.lease_expires_at < now))
@@ -334,7 +339,7 @@ class Queue:
 
     def stats(self, run: Run, window_s: float = 600.0) -> dict:
         """Counts per status and error kind, and the recent rate of finished jobs."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             now = self._now(conn)
             by_status = dict(conn.execute(sa.select(jobs.c.status, sa.func.count()).where(jobs.c.run_id == run.id).group_by(jobs.c.status)).all())
             errors = dict(conn.execute(
@@ -361,7 +366,7 @@ class Queue:
     def result_rows(self, name: str) -> list[dict]:
         """Every job of run `name` in query id order, as plain dicts (export, eval, report)."""
         run = self.get_run(name)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(sa.select(jobs).where(jobs.c.run_id == run.id).order_by(jobs.c.query_id)).mappings().all()
         return [dict(r) for r in rows]
 
@@ -369,12 +374,12 @@ class Queue:
         q = sa.select(events, jobs.c.query_id).join(jobs, jobs.c.id == events.c.job_id).order_by(events.c.id)
         if run_id is not None:
             q = q.where(jobs.c.run_id == run_id)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
 
     def event_counts(self, run_id: int) -> Counter:
         q = sa.select(events.c.kind, sa.func.count()).join(jobs, jobs.c.id == events.c.job_id).where(jobs.c.run_id == run_id).group_by(events.c.kind)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return Counter(dict(conn.execute(q).all()))
 
     def save_scores(self, name: str, scores: dict[int, dict]) -> int:
