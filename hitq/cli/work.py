@@ -29,11 +29,15 @@ def work(gpu, run_name, drain, lease_seconds, max_jobs, batch_size, procs, job_t
       hitq work --gpu cpu --run text_html --drain
     """
     from hitq.jobqueue import open_queue
+    from hitq.jobqueue.database import WORKER_RETRY, RetryPolicy
     from hitq.workers.supervisor import Supervisor, specs_for
     from hitq.workers.worker import WorkerSpec
 
     devices = parse_devices(gpu)
-    queue = open_queue(db)  # migrates a new database once, before any child starts
+    # Migrates a new database once, before any child starts. A lock or a restart is waited out for
+    # 30 s (a wrong URL still fails in one line); once running, the supervisor waits like workers.
+    queue = RetryPolicy(give_up_s=30.0, first_wait_s=0.1, max_wait_s=2.0).call(lambda: open_queue(db), what="connect")
+    queue.retry = WORKER_RETRY
     if run_name:
         queue.get_run(run_name)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s [supervisor] %(message)s")
