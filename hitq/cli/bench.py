@@ -42,12 +42,12 @@ def bench(model_dir, data_dir, n, seed, modality, fmt, out_len, reference, basel
         sample = core.write_subset(data_dir, write_subset, n, seed, fmt, images=True)
         click.echo(f"{len(sample)} queries on {len({q.file_name for q in sample})} tables -> {write_subset}")
         return
-    from transformers import AutoTokenizer
+    from hitq.engine import measure
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(message)s")
     logging.getLogger("hitq.engine").setLevel(logging.INFO)
     queries = core.sample_queries(data_dir, n, seed, fmt)
-    lengths = core.reference_lengths(reference, AutoTokenizer.from_pretrained(model_dir))
+    lengths = core.reference_lengths(reference, measure.tokenizer(model_dir))
     result = core.run(model_dir, data_dir, queries, lengths, modality, fmt, baseline_n, claim, out_len)
     text = json.dumps(result, indent=2, default=str)
     if out_path:

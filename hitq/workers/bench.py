@@ -117,12 +117,12 @@ def _prepare(engine, query: Query, config: RunConfig, prompt_set, limit: int):
 
 def run_baseline(engine, queries: list[Query], config: RunConfig, lengths: dict[int, int]) -> dict:
     """The predecessor's method: fit + prepare, then model.generate one query at a time."""
-    import torch
+    from hitq.engine import measure
 
     prompt_set = prompts.load_prompt_set(config.prompts, config.data_dir)
-    _reset_peak()
+    measure.reset_peak()
     tokens, outs, errors = [], [], 0
-    _sync()
+    measure.sync()
     start = time.perf_counter()
     for q in queries:
         n = lengths[q.id]
@@ -131,22 +131,17 @@ def run_baseline(engine, queries: list[Query], config: RunConfig, lengths: dict[
         except JobError:
             errors += 1
             continue
-        inputs = engine.collate([p])
-        with torch.inference_mode():
-            seq = engine.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, temperature=1.0,
-                                        top_p=1.0, top_k=50, eos_token_id=engine.eos_ids, pad_token_id=engine.pad_id)
+        outs.append(measure.predecessor_generate(engine, p, n))
         tokens.append(p.count.tokens)
-        outs.append(seq.shape[1] - inputs["input_ids"].shape[1])
-    _sync()
+    measure.sync()
     seconds = time.perf_counter() - start
     return {"queries": len(tokens), "errors": errors, "seconds": seconds, "prompt_tokens": sum(tokens),
-            "output_tokens": sum(outs), "peak_memory_gib": _peak_gib()}
+            "output_tokens": sum(outs), "peak_memory_gib": measure.peak_gib()}
 
 
 def run_worker(engine, queries: list[Query], config: RunConfig, claim: int, db_dir: str) -> dict:
     """hitq's path: enqueue into a fresh SQLite queue, drain it with a Worker holding `engine`."""
-    import torch
-
+    from hitq.engine import measure
     from hitq.jobqueue import open_queue
     from hitq.workers.execute import Executor
     from hitq.workers.worker import Worker, WorkerSpec
@@ -159,11 +154,11 @@ def run_worker(engine, queries: list[Query], config: RunConfig, claim: int, db_d
     worker = Worker(spec)
     run = worker.queue.get_run(name)
     worker.executors = {run.id: Executor(worker.queue, worker.id, run, engine)}  # the loaded engine, shared with (a)
-    _reset_peak()
-    _sync()
+    measure.reset_peak()
+    measure.sync()
     start = time.perf_counter()
     worker.loop()
-    _sync()
+    measure.sync()
     seconds = time.perf_counter() - start
     rows = queue.result_rows(name)
     done = [r for r in rows if r.get("status") in ("done", "error") and r.get("output_tokens") is not None]
@@ -171,27 +166,7 @@ def run_worker(engine, queries: list[Query], config: RunConfig, claim: int, db_d
             "error_kinds": dict(sorted(_count(r.get("error_kind") for r in rows if r.get("error_kind")).items())),
             "seconds": seconds, "prompt_tokens": sum(r.get("input_tokens") or 0 for r in done),
             "output_tokens": sum(r.get("output_tokens") or 0 for r in done),
-            "peak_memory_gib": _peak_gib(), "claim_batch": claim, "db": "sqlite"}
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _reset_peak() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib() -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
+            "peak_memory_gib": measure.peak_gib(), "claim_batch": claim, "db": "sqlite"}
 
 
 def _count(values) -> dict:
@@ -201,26 +176,6 @@ def _count(values) -> dict:
     return out
 
 
-def check_logits(engine, prepared: list) -> dict:
-    """First-token logits of the fast path (shared prefix + suffix) against one full forward each."""
-    import torch
-
-    from hitq.engine import fastgen
-
-    rows = [fastgen.Row(p, 1) for p in prepared]
-    group = fastgen.make_groups(rows, engine.image_token_id)[0]
-    kwarg = fastgen.cache_kwarg(engine.model)
-    worst, agree = 0.0, 0
-    with torch.inference_mode():
-        fast = fastgen.prefill_group(engine.model, group, engine.device, kwarg)[0]
-        for r, got in zip(group.rows, fast):
-            want = engine.model(**engine.collate([r.prepared]), logits_to_keep=1).logits[:, -1].float()
-            got = got.float()
-            worst = max(worst, float((got - want).norm() / want.norm()))
-            agree += int(got.argmax() == want.argmax())
-    return {"rows": len(group.rows), "shared_prefix": group.split, "max_rel_error": worst, "argmax_agree": agree}
-
-
 # -- the whole bench ------------------------------------------------------------------------
 
 
@@ -228,11 +183,7 @@ def run(model_dir: str, data_dir: str, queries: list[Query], lengths: dict[int, 
         fmt: str = "html", baseline_n: int | None = None, claim: int = 64, out_len: int | None = None,
         device: str = "cuda", random_weights: bool = True) -> dict:
     """Build the engine (random bf16 weights), check the fast path, time (a) and (b)."""
-    import importlib.metadata
-
-    import torch
-    import transformers
-
+    from hitq.engine import measure
     from hitq.engine.qwen3vl import TransformersEngine
 
     t0 = time.perf_counter()
@@ -265,10 +216,10 @@ def run(model_dir: str, data_dir: str, queries: list[Query], lengths: dict[int, 
             groups[prepared[q.id].prefix_key].append(prepared[q.id])
     shared = [g for g in groups.values() if len(g) >= 2] or list(groups.values())
     small = min(shared, key=lambda g: max(p.count.tokens for p in g))
-    check = check_logits(engine, small[:4])
+    check = measure.check_fast_logits(engine, small[:4])
     warm = sorted(prepared.values(), key=lambda p: p.count.tokens)[:2]
     engine.generate(warm, _greedy())  # warm-up: kernels, cuBLAS handles, allocator
-    engine.model.generate(**engine.collate(warm[:1]), max_new_tokens=2, do_sample=False)
+    measure.predecessor_generate(engine, warm[0], 2)
 
     base_queries = _systematic(queries, prepared, baseline_n)
     with tempfile.TemporaryDirectory() as tmp:
@@ -288,9 +239,7 @@ def run(model_dir: str, data_dir: str, queries: list[Query], lengths: dict[int, 
         r["floor_fraction_shared_prefix"] = sh / PEAK_FLOPS / r["seconds"]
         r["projected_full_pass_min"] = FULL_SET / r["queries_per_s"] / 60
     return {
-        "gpu": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,
-        "transformers": transformers.__version__, "flash_attn": _version(importlib.metadata, "flash_attn"),
-        "engine": engine.describe(), "modality": modality, "format": fmt, "prompt_layout": "default (not table-first)",
+        **measure.versions(engine), "engine": engine.describe(), "modality": modality, "format": fmt, "prompt_layout": "default (not table-first)",
         "output_lengths": f"fixed {out_len}" if out_len else
         "reference run's answer lengths (results.json Prediction tokens), capped at hitq's max_new_tokens by type",
         "queries": len(queries), "prepare_errors": errors, "tables": len({q.file_name for q in queries}),
@@ -308,13 +257,6 @@ def _greedy():
     from hitq.engine.base import GenerationSettings
 
     return GenerationSettings()
-
-
-def _version(md, name):
-    try:
-        return md.version(name)
-    except md.PackageNotFoundError:
-        return None
 
 
 def _summary(values: list[int]) -> dict:
