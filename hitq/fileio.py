@@ -30,10 +30,6 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
-def write_json(path: str | Path, obj) -> Path:
-    return write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
 def write_atomic_many(files: dict[str | Path, str | bytes]) -> list[Path]:
     """Write several files so that a failure leaves all of the previous ones: every temp file is
     written and fsynced first (a full disk fails here, before anything is replaced), then renamed."""

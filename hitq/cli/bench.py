@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 
 import click
 
@@ -43,6 +42,7 @@ def bench(model_dir, data_dir, n, seed, modality, fmt, out_len, reference, basel
         click.echo(f"{len(sample)} queries on {len({q.file_name for q in sample})} tables -> {write_subset}")
         return
     from hitq.engine import measure
+    from hitq.fileio import write_atomic
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(message)s")
     logging.getLogger("hitq.engine").setLevel(logging.INFO)
@@ -51,8 +51,7 @@ def bench(model_dir, data_dir, n, seed, modality, fmt, out_len, reference, basel
     result = core.run(model_dir, data_dir, queries, lengths, modality, fmt, baseline_n, claim, out_len)
     text = json.dumps(result, indent=2, default=str)
     if out_path:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(text + "\n")
+        write_atomic(out_path, text + "\n")
     a, b = result["baseline"], result["worker"]
     click.echo(text)
     click.echo(f"{result['gpu']}: {result['queries']} queries ({modality}/{fmt}), baseline on {a['queries']}")

@@ -24,9 +24,14 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: Path) -> Path:
+    import io
+
+    from hitq.fileio import write_atomic
+
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    return write_atomic(path, png.getvalue())
 
 
 def _empty(ax, message: str) -> None:

@@ -132,5 +132,6 @@ def write_html(runs: dict[str, RunData], plots: dict[str, Path], out: Path, mode
         parts.append(f"<h2>Run {html.escape(name)}</h2><p>{len(run.rows)} rows; Overall "
                      f"{'—' if overall is None else f'{overall:.2f}'}</p>{_html_table(run.summary)}")
     parts.append("</body></html>")
-    out.write_text("\n".join(parts), encoding="utf-8")
-    return out
+    from hitq.fileio import write_atomic
+
+    return write_atomic(out, "\n".join(parts))
