@@ -72,3 +72,11 @@ def enqueue_fake(data, db_url, *engine_opts, run="r"):
     """Enqueue the text/csv queries of `data` as run `run` on the fake engine."""
     opts = [x for opt in engine_opts for x in ("--engine-opt", opt)]
     hitq("enqueue", "--data", data, "--modality", "text", "--format", "csv", "--engine", "fake", *opts, "--run", run, "--db", db_url)
+
+
+def start_workers(db_url, env, procs=2, lease_s=None, drain=True, *extra) -> subprocess.Popen:
+    """`hitq work --gpu cpu` with `procs` worker processes, polling fast, in the background."""
+    args = ["work", "--gpu", "cpu", "--procs", str(procs), "--poll-seconds", "0.1", "--db", db_url, *extra]
+    args += ["--drain"] if drain else []
+    args += ["--lease-seconds", str(lease_s)] if lease_s else []
+    return start(*args, env=env)

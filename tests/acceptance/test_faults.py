@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from hitq.jobqueue import open_queue
 from hitq.jobqueue.database import RetryPolicy, is_transient
-from tests.acceptance.conftest import hitq, start, wait_for, write_many
+from tests.acceptance.conftest import hitq, start, start_workers, wait_for, write_many
 from tests.acceptance.faults import (
     assert_exactly_once, hold_sqlite_lock, pg_cluster, restart_postgres, terminate_backends, worker_pids,
 )
@@ -155,7 +155,7 @@ def test_worker_restarted_while_the_database_is_away_waits_for_it(tmp_path, env)
     db_url = f"sqlite:///{tmp_path / 'hitq.db'}"
     enqueue(db_url, write_many(tmp_path / "data", 60), "--engine-opt", "delay_s=0.05")
     env = dict(env, HITQ_SQLITE_BUSY_TIMEOUT_MS="200")
-    proc = start("work", "--gpu", "cpu", "--procs", "2", "--drain", "--lease-seconds", "2", "--poll-seconds", "0.1", "--db", db_url, env=env)
+    proc = start_workers(db_url, env, lease_s=2)
     q = open_queue(db_url)
     wait_for(lambda: q.stats(q.get_run("r"))["counts"]["done"] >= 5, timeout=60)
     victim = worker_pids(proc.pid)[0]

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 
 from hitq.jobqueue import open_queue
-from tests.acceptance.conftest import enqueue_fake, hitq, running_job, start, stop, wait_for, write_many
+from tests.acceptance.conftest import enqueue_fake, hitq, running_job, start_workers, stop, wait_for, write_many
 
 
 def exactly_once(db_url, run="r"):
@@ -39,7 +39,7 @@ def test_eight_workers_drain_3000_jobs_exactly_once(db_url, tmp_path, env):
 def test_kill_9_mid_job_is_rerun_after_the_lease(db_url, tmp_path, env):
     data = write_many(tmp_path / "data", 12)
     enqueue_fake(data, db_url, "delay_s=0.4")
-    proc = start("work", "--gpu", "cpu", "--procs", "2", "--drain", "--lease-seconds", "2", "--poll-seconds", "0.1", "--db", db_url, env=env)
+    proc = start_workers(db_url, env, lease_s=2)
     q = open_queue(db_url)
     victim, pid = running_job(q)
     os.kill(pid, signal.SIGKILL)
@@ -58,7 +58,7 @@ def test_kill_9_mid_job_is_rerun_after_the_lease(db_url, tmp_path, env):
 def test_worker_paused_past_its_lease_cannot_overwrite(db_url, tmp_path, env):
     data = write_many(tmp_path / "data", 6)
     enqueue_fake(data, db_url, "delay_s=1.0")
-    proc = start("work", "--gpu", "cpu", "--procs", "2", "--drain", "--lease-seconds", "1.5", "--poll-seconds", "0.1", "--db", db_url, env=env)
+    proc = start_workers(db_url, env, lease_s=1.5)
     q = open_queue(db_url)
     victim, pid = running_job(q)
     os.kill(pid, signal.SIGSTOP)
@@ -76,7 +76,7 @@ def test_worker_paused_past_its_lease_cannot_overwrite(db_url, tmp_path, env):
 def test_sigterm_finishes_or_releases_and_exits_0(db_url, tmp_path, env):
     data = write_many(tmp_path / "data", 40)
     enqueue_fake(data, db_url, "delay_s=0.3")
-    proc = start("work", "--gpu", "cpu", "--procs", "2", "--batch-size", "3", "--poll-seconds", "0.1", "--db", db_url, env=env)
+    proc = start_workers(db_url, env, 2, None, False, "--batch-size", "3")
     q = open_queue(db_url)
     wait_for(lambda: q.stats(q.get_run("r"))["counts"]["done"] >= 4)
     out = stop(proc, signal.SIGTERM)
