@@ -1,16 +1,22 @@
-"""Greedy generation for Qwen3-VL that prefills a group's shared prompt prefix once and decodes
-many requests in one batch (gpt-fast style: `prefill`, `forward_text`, `decode`).
+"""Greedy generation for Qwen3-VL with shared prefixes and continuous batching (gpt-fast style).
 
-    kv = KVSlots(model, rows, capacity)                 # static cache, one row per request
-    logits = prefill(model, inputs, upto, cache_kwarg)  # transformers' forward (images, deepstack, M-RoPE)
-    kv.load(row, cache)                                 # the prefix K/V, copied into a row
-    logits = forward_text(model, kv, rows, tokens, positions)  # suffixes and decode steps, text only
+    kv = KVSlots(model, slots, capacity)                      # static cache, one slot per live request
+    firsts, delta = prefill_group(model, group, device, kwarg, kv, slots)   # prefix once, suffix per row
+    decoder = Decoder(model, kv, eos_ids, graphs=True)        # one decode step, CUDA graph per span bucket
+    next_tokens = decoder.step(tokens, positions, forbid)     # all slots at once
+    timings = run_pool(model, groups, ...)                    # slots refilled as rows finish
 
 Why this split: transformers' forward is the only code that knows images (vision tower,
 deepstack, 3-D positions), so it prefills each shared prefix, which always holds every image of
 the prompt. Everything after it is text, whose M-RoPE position is the same on all three axes
 (index + the prefix's rope delta), so a small text-only forward over a static, right-padded
-cache runs each question's suffix and every decode step, for all rows of a batch at once.
+cache runs each question's suffix and every decode step. Decode steps have fixed shapes (all
+slots, attention span rounded up to a bucket), so on CUDA each bucket is captured once as a CUDA
+graph and replayed: no Python or kernel-launch cost per layer.
+
+A slot is refilled as soon as its request stops (continuous batching), so a 2,048-token chart
+answer does not hold a batch of 12-token answers. Requests are split into pools of similar
+length (hitq.engine.planner) so that a slot's capacity is not mostly padding.
 Rows stop at their own limit, at EOS, or after a complete `[Final Answer]:` line, with the
 rules of `model.generate` + the engine's `_StepWatch`, so greedy outputs are the same tokens.
 """
@@ -20,6 +26,7 @@ import inspect
 import logging
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +36,7 @@ from hitq.engine.base import Prepared
 
 SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")  # (1, L) tensors
 log = logging.getLogger("hitq.engine")
-ALIGN = 64  # cache lengths are rounded up to this (aligned masks keep sdpa on its fast kernels)
+ALIGN = 64  # cache lengths are rounded up to this (aligned masks keep the kernels on their fast paths)
 
 
 def _round_up(n: int, to: int = ALIGN) -> int:
@@ -46,43 +53,40 @@ def text_model(model):
     return model.model.language_model
 
 
+def _head_dim(c) -> int:
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
 def kv_bytes_per_token(model) -> int:
     c = model.config.text_config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.dtype.itemsize
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * _head_dim(c) * model.dtype.itemsize
 
 
 class KVSlots:
-    """A static KV cache: per layer (rows, kv_heads, capacity, head_dim) for keys and values.
-    Row r holds one request's tokens at positions [0, lengths[r]) (right padding)."""
+    """A static KV cache: per layer (slots, kv_heads, capacity, head_dim) for keys and values.
+    Slot s holds one request's tokens at positions [0, lengths[s]) (right padding)."""
 
-    def __init__(self, model, rows: int, capacity: int):
+    def __init__(self, model, slots: int, capacity: int):
         c = model.config.text_config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        shape = (rows, c.num_key_value_heads, _round_up(capacity), head_dim)
+        shape = (slots, c.num_key_value_heads, _round_up(capacity), _head_dim(c))
         device = next(model.parameters()).device
-        # Zeros, not empty: masked-out slots still enter the attention's value product (weight 0),
-        # and 0 × a NaN left in uninitialised memory is NaN.
+        # Zeros, not empty: masked-out positions still enter the attention's value product (weight 0),
+        # and 0 x a NaN left in uninitialised memory is NaN.
         self.k = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(c.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(c.num_hidden_layers)]
-        self.lengths = [0] * rows
+        self.lengths = [0] * slots
+        self.capacity = shape[2]
 
-    def load(self, row: int, cache, n: int) -> None:
-        """Copy the first n positions of a transformers DynamicCache (batch 1) into `row`."""
+    @property
+    def slots(self) -> int:
+        return len(self.lengths)
+
+    def load(self, slot: int, cache, n: int) -> None:
+        """Copy the first n positions of a transformers DynamicCache (batch 1) into `slot`."""
         for i, (k, v) in enumerate(_cache_tensors(cache)):
-            self.k[i][row, :, :n] = k[0, :, :n]
-            self.v[i][row, :, :n] = v[0, :, :n]
-        self.lengths[row] = n
-
-    def keep(self, rows: list[int]) -> None:
-        """Move `rows` to the front (in that order) and drop the others; layer by layer, in place."""
-        index = torch.tensor(rows, device=self.k[0].device)
-        span = _round_up(max(self.lengths[r] for r in rows))
-        for store in (self.k, self.v):
-            for i, t in enumerate(store):
-                t[: len(rows), :, :span] = t[index, :, :span]
-                store[i] = t[: len(rows)]
-        self.lengths = [self.lengths[r] for r in rows]
+            self.k[i][slot, :, :n] = k[0, :, :n]
+            self.v[i][slot, :, :n] = v[0, :, :n]
+        self.lengths[slot] = n
 
 
 def _cache_tensors(cache):
@@ -106,44 +110,106 @@ def prefill(model, inputs: dict, upto: int, kwarg: str) -> tuple[torch.Tensor, o
     return out.logits[:, -1], cache, delta
 
 
-def forward_text(model, kv: KVSlots, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Run text tokens (rows, T) at rope `positions` (rows, T) over all rows of `kv`, appending
-    their K/V at each row's length; returns the last position's logits (rows, vocab)."""
+def forward_text(model, kv: KVSlots, first: int, tokens: torch.Tensor, positions: torch.Tensor,
+                 starts: torch.Tensor, span: int) -> torch.Tensor:
+    """Run text tokens (R, T) at rope `positions` (R, T) on slots first..first+R of `kv`, writing
+    their K/V at `starts` (R,) onwards and attending to the first `span` positions (masked to
+    each row's own length); returns the last position's logits (R, vocab). No host syncs, fixed
+    shapes: a decode step over all slots can be captured as a CUDA graph."""
     lm = text_model(model)
     rope = sys.modules[type(lm.layers[0].self_attn).__module__].apply_rotary_pos_emb
-    B, T = tokens.shape
-    starts = torch.tensor(kv.lengths, device=tokens.device)
-    span = _round_up(max(kv.lengths) + T)
-    slots = starts[:, None] + torch.arange(T, device=tokens.device)  # (B, T) cache index of each new token
-    visible = torch.arange(span, device=tokens.device)[None, None, :] <= slots[:, :, None]  # (B, T, span)
+    R, T = tokens.shape
+    index = starts[:, None] + torch.arange(T, device=tokens.device)  # (R, T) cache position of each new token
+    visible = torch.arange(span, device=tokens.device)[None, None, :] <= index[:, :, None]  # (R, T, span)
     h = lm.embed_tokens(tokens)
-    cos, sin = lm.rotary_emb(h, positions[None].expand(3, B, T))
-    rows = torch.arange(B, device=tokens.device)[:, None]
+    cos, sin = lm.rotary_emb(h, positions[None].expand(3, R, T))
+    rows = torch.arange(R, device=tokens.device)[:, None]
     for i, layer in enumerate(lm.layers):
         a = layer.self_attn
         x = layer.input_layernorm(h)
-        q = a.q_norm(a.q_proj(x).view(B, T, -1, a.head_dim)).transpose(1, 2)
-        k = a.k_norm(a.k_proj(x).view(B, T, -1, a.head_dim)).transpose(1, 2)
-        v = a.v_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)
+        q = a.q_norm(a.q_proj(x).view(R, T, -1, a.head_dim)).transpose(1, 2)
+        k = a.k_norm(a.k_proj(x).view(R, T, -1, a.head_dim)).transpose(1, 2)
+        v = a.v_proj(x).view(R, T, -1, a.head_dim).transpose(1, 2)
         q, k = rope(q, k, cos, sin)
-        kv.k[i][rows, :, slots] = k.transpose(1, 2)
-        kv.v[i][rows, :, slots] = v.transpose(1, 2)
-        h = h + a.o_proj(_attend(q, kv.k[i][:, :, :span], kv.v[i][:, :, :span], visible, a.scaling))
+        keys, values = kv.k[i][first : first + R], kv.v[i][first : first + R]
+        keys[rows, :, index] = k.transpose(1, 2)
+        values[rows, :, index] = v.transpose(1, 2)
+        h = h + a.o_proj(_attend(q, keys[:, :, :span], values[:, :, :span], visible, a.scaling))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-    kv.lengths = [n + T for n in kv.lengths]
     return model.lm_head(lm.norm(h[:, -1]))
 
 
 def _attend(q, k, v, visible, scale) -> torch.Tensor:
     """Grouped-query attention without repeating K/V: the G query heads of each KV head are
-    folded into the query length. q (B, Hq, T, D), k/v (B, Hkv, S, D), visible (B, T, S)."""
-    B, Hq, T, D = q.shape
+    folded into the query length. q (R, Hq, T, D), k/v (R, Hkv, S, D), visible (R, T, S).
+
+    One new token per row (decode): two batched matmuls, which spread a long span over the whole
+    GPU (sdpa's kernels parallelise over query blocks, of which a decode step has one per head).
+    Several tokens (a question's suffix): sdpa."""
+    R, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    q = q.reshape(B, Hkv, G * T, D)
-    mask = visible[:, None, None].expand(B, 1, G, T, visible.shape[-1]).reshape(B, 1, G * T, -1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.reshape(B, Hq, T, D).transpose(1, 2).reshape(B, T, Hq * D)
+    q = q.reshape(R, Hkv, G * T, D)
+    mask = visible[:, None, None].expand(R, 1, G, T, visible.shape[-1]).reshape(R, 1, G * T, -1)
+    if T == 1:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(R, Hq, T, D).transpose(1, 2).reshape(R, T, Hq * D)
+
+
+# -- decode steps -----------------------------------------------------------------------------
+
+
+class Decoder:
+    """One greedy decode step over every slot of `kv`: next tokens (EOS forbidden on forced rows).
+
+    With graphs=True (CUDA), each attention span bucket is captured once as a CUDA graph and
+    replayed; inputs travel through one static (4, slots) buffer: tokens, rope positions, cache
+    positions, forbid-EOS flags."""
+
+    def __init__(self, model, kv: KVSlots, eos_ids: list[int], graphs: bool):
+        self.model, self.kv = model, kv
+        device = kv.k[0].device
+        self.inputs = torch.zeros((4, kv.slots), dtype=torch.long, device=device)
+        self.eos = torch.tensor(eos_ids, device=device)
+        self.quantum = max(ALIGN * 4, _round_up(kv.capacity // 16))
+        self.graphs: dict[int, tuple] = {} if graphs else None
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+
+    def _step(self, span: int) -> torch.Tensor:
+        tokens, positions, starts, forbid = self.inputs
+        logits = forward_text(self.model, self.kv, 0, tokens[:, None], positions[:, None], starts, span)
+        blocked = torch.where(forbid[:, None].bool(), float("-inf"), logits[:, self.eos])
+        logits[:, self.eos] = blocked.to(logits.dtype)
+        return logits.argmax(-1)
+
+    def _capture(self, span: int):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph (cuBLAS workspaces, allocator)
+            self._step(span)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._step(span)
+        self.graphs[span] = (graph, out)
+        return self.graphs[span]
+
+    def step(self, tokens: list[int], positions: list[int], forbid: list[int]) -> list[int]:
+        """Append one token to every slot (at kv.lengths); returns each slot's next token.
+        Slots without a live request step too (at their current length) and are ignored."""
+        starts = self.kv.lengths
+        span = min(self.kv.capacity, _round_up(max(starts) + 1, self.quantum))
+        self.inputs.copy_(torch.tensor([tokens, positions, starts, forbid], dtype=torch.long), non_blocking=True)
+        if self.graphs is None:
+            out = self._step(span)
+        else:
+            graph, out = self.graphs.get(span) or self._capture(span)
+            graph.replay()
+        return out.tolist()
 
 
 # -- requests, groups and stopping ------------------------------------------------------------
@@ -151,13 +217,18 @@ def _attend(q, k, v, visible, scale) -> torch.Tensor:
 
 @dataclass
 class Row:
-    """One request in a decode batch: its limit, how it stops, the tokens it made so far."""
+    """One request: its limit, how it stops, the tokens it made so far."""
 
     prepared: Prepared
     limit: int  # new tokens at most (exactly, when forced)
     forced: bool = False  # generate exactly `limit` tokens: no EOS, no answer stop (benchmarks)
     ids: list[int] = field(default_factory=list)
     done: bool = False
+    timing: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.prepared.inputs["input_ids"].shape[1]
 
 
 @dataclass
@@ -169,7 +240,12 @@ class Group:
 
     @property
     def longest(self) -> int:
-        return max(r.prepared.inputs["input_ids"].shape[1] for r in self.rows)
+        return max(r.length for r in self.rows)
+
+    @property
+    def need(self) -> int:
+        """Cache positions the group's longest row can reach."""
+        return max(r.length + r.limit for r in self.rows)
 
 
 def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -187,7 +263,7 @@ def make_groups(rows: list[Row], image_token_id: int) -> list[Group]:
     groups = []
     for members in by_key.values():
         if len(members) == 1:
-            groups.append(Group(members, members[0].prepared.inputs["input_ids"].shape[1]))
+            groups.append(Group(members, members[0].length))
             continue
         ids = [m.prepared.inputs["input_ids"][0] for m in members]
         split = min(min(common_prefix(ids[0], x) for x in ids[1:]), min(x.numel() for x in ids) - 1)
@@ -199,7 +275,7 @@ def make_groups(rows: list[Row], image_token_id: int) -> list[Group]:
         if split >= last_image and same_pixels and split > 0:
             groups.append(Group(members, split))
         else:
-            groups.extend(Group([m], m.prepared.inputs["input_ids"].shape[1]) for m in members)
+            groups.extend(Group([m], m.length) for m in members)
     return groups
 
 
@@ -221,34 +297,33 @@ class Stopper:
             row.done = self.answer_complete(self.tokenizer.decode(row.ids, skip_special_tokens=True))
 
 
-def batch_capacity(rows: list[Row]) -> int:
-    """Cache positions a batch needs: rows that are done keep stepping until the batch compacts."""
-    return max(r.prepared.inputs["input_ids"].shape[1] for r in rows) + max(r.limit for r in rows)
+def _to_device(inputs: dict, model, device) -> dict:
+    return {k: (v.to(model.dtype) if v.is_floating_point() else v).to(device, non_blocking=True) for k, v in inputs.items()}
 
 
-def prefill_group(model, g: Group, device, kwarg: str, kv: KVSlots | None = None, first: int = 0):
-    """Prefill the group's prefix once (transformers), copy it into rows first.. of `kv`, run each
-    row's own suffix. Returns (first-token logits of each row, the rope delta of the group)."""
+def prefill_group(model, g: Group, device, kwarg: str, kv: KVSlots | None = None, slots: list[int] | None = None):
+    """Prefill the group's prefix once (transformers), copy it into `slots` of `kv`, run each
+    row's own suffix there. Returns (first-token logits of each row, the rope delta of the group)."""
     if kv is None:
         kv = KVSlots(model, len(g.rows), g.longest + 1)
-    inputs = {k: (v.to(model.dtype) if v.is_floating_point() else v).to(device, non_blocking=True)
-              for k, v in g.rows[0].prepared.inputs.items()}
+    slots = list(range(len(g.rows))) if slots is None else slots
+    inputs = _to_device(g.rows[0].prepared.inputs, model, device)
     logits, cache, delta = prefill(model, inputs, g.split, kwarg)
+    for slot in slots:
+        kv.load(slot, cache, g.split)
+    del cache
     out = []
-    for n, r in enumerate(g.rows, first):
-        kv.load(n, cache, g.split)
+    for slot, r in zip(slots, g.rows):
         ids = r.prepared.inputs["input_ids"][0]
         if ids.numel() > g.split:  # the question's own tokens, on this row only
-            one = _RowView(kv, n)
+            suffix = ids[g.split :].to(device)[None]
             positions = torch.arange(g.split, ids.numel(), device=device)[None] + delta
-            out.append(forward_text(model, one, ids[g.split:].to(device)[None], positions))
-            one.store()
+            starts = torch.tensor([g.split], device=device)
+            out.append(forward_text(model, kv, slot, suffix, positions, starts, _round_up(ids.numel())))
+            kv.lengths[slot] = ids.numel()
         else:
             out.append(logits)
     return out, delta
-
-
-# -- one decode batch -------------------------------------------------------------------------
 
 
 def _pick(logits: torch.Tensor, rows: list[Row], eos_ids: list[int]) -> list[int]:
@@ -260,56 +335,60 @@ def _pick(logits: torch.Tensor, rows: list[Row], eos_ids: list[int]) -> list[int
     return logits.argmax(-1).tolist()
 
 
-def run_batch(model, groups: list[Group], stopper: Stopper, eos_ids: list[int], device: torch.device,
-              kwarg: str, sync) -> dict:
-    """Prefill every group into a shared static cache, then decode all rows together.
-    Returns the timings: {"prefill_s", "decode_s", "steps", "rows", "capacity"}."""
-    rows = [r for g in groups for r in g.rows]
-    capacity = batch_capacity(rows)
+# -- one pool: continuous batching ------------------------------------------------------------
+
+
+def run_pool(model, groups: list[Group], slots: int, stopper: Stopper, eos_ids: list[int], device: torch.device,
+             kwarg: str, sync, graphs: bool) -> dict:
+    """Run `groups` (in order) through `slots` cache slots: a group is admitted (prefilled) as soon
+    as enough slots are free, every live row decodes together, a finished row frees its slot.
+    Each row's `timing` gets its group's prefill time and its admission-to-finish time.
+    Returns the pool's figures: {"prefill_s", "decode_s", "steps", "rows", "slots", "capacity"}."""
+    capacity = max(g.need for g in groups)
     sync()
     start = time.perf_counter()
-    kv = KVSlots(model, len(rows), capacity)
-    firsts, deltas = [], []
-    for g in groups:
-        logits, delta = prefill_group(model, g, device, kwarg, kv, len(deltas))
-        firsts += logits
-        deltas += [delta] * len(g.rows)
-    tokens = _pick(torch.cat(firsts), rows, eos_ids)
-    sync()
-    prefill_end = time.perf_counter()
-    steps, active = 0, list(range(len(rows)))  # rows of `kv`, in order, still decoding
-    for i, t in zip(active, tokens):
-        stopper.push(rows[i], t)
-    while True:
-        live = [j for j, i in enumerate(active) if not rows[i].done]
+    kv = KVSlots(model, slots, capacity)
+    decoder = Decoder(model, kv, eos_ids, graphs)
+    pending, free, live = deque(groups), list(range(slots))[::-1], {}  # live: slot -> (row, rope delta)
+    prefill_s = steps = 0
+    while pending or live:
+        while pending and len(pending[0].rows) <= len(free):
+            g = pending.popleft()
+            taken = [free.pop() for _ in g.rows]
+            t0 = time.perf_counter()
+            logits, delta = prefill_group(model, g, device, kwarg, kv, taken)
+            firsts = _pick(torch.cat(logits), g.rows, eos_ids)
+            t1 = time.perf_counter()  # the token list above waited for the prefill
+            prefill_s += t1 - t0
+            for slot, r, token in zip(taken, g.rows, firsts):
+                r.timing.update(prefill_s=t1 - t0, admitted=t0)
+                stopper.push(r, token)
+                if r.done:
+                    free.append(slot)
+                    kv.lengths[slot] = 0
+                    r.timing["seconds"] = time.perf_counter() - t0
+                else:
+                    live[slot] = (r, delta)
         if not live:
-            break
-        if len(live) <= len(active) // 2:  # compact: later steps read only live rows' K/V
-            kv.keep(live)
-            active = [active[j] for j in live]
-        last = torch.tensor([[rows[i].ids[-1]] for i in active], device=device)
-        positions = torch.tensor([[kv.lengths[j] + deltas[i]] for j, i in enumerate(active)], device=device)
-        logits = forward_text(model, kv, last, positions)
+            continue
+        tokens, positions, forbid = [0] * slots, [0] * slots, [0] * slots
+        for slot, (r, delta) in live.items():
+            tokens[slot], positions[slot], forbid[slot] = r.ids[-1], kv.lengths[slot] + delta, int(r.forced)
+        next_tokens = decoder.step(tokens, positions, forbid)
         steps += 1
-        for i, t in zip(active, _pick(logits, [rows[i] for i in active], eos_ids)):
-            if not rows[i].done:
-                stopper.push(rows[i], t)
+        now = time.perf_counter()
+        for slot, (r, _) in list(live.items()):
+            kv.lengths[slot] += 1
+            stopper.push(r, next_tokens[slot])
+            if r.done:
+                del live[slot]
+                free.append(slot)
+                kv.lengths[slot] = 0  # a free slot must not widen the attention span
+                r.timing["seconds"] = now - r.timing["admitted"]
     sync()
-    end = time.perf_counter()
-    log.info("decode batch: %d rows, %d groups, capacity %d, prefill %.2f s, %d steps in %.2f s", len(rows), len(groups),
-             capacity, prefill_end - start, steps, end - prefill_end)
-    return {"prefill_s": prefill_end - start, "decode_s": end - prefill_end, "steps": steps,
-            "rows": len(rows), "capacity": _round_up(capacity)}
-
-
-class _RowView:
-    """One row of a KVSlots seen as a batch of one (views share storage with the full cache)."""
-
-    def __init__(self, kv: KVSlots, row: int):
-        self.parent, self.row = kv, row
-        self.k = [t[row : row + 1] for t in kv.k]
-        self.v = [t[row : row + 1] for t in kv.v]
-        self.lengths = [kv.lengths[row]]
-
-    def store(self) -> None:
-        self.parent.lengths[self.row] = self.lengths[0]
+    wall = time.perf_counter() - start
+    rows = sum(len(g.rows) for g in groups)
+    log.info("pool: %d rows, %d groups, %d slots x %d, prefill %.2f s, %d steps, %.2f s in all%s", rows, len(groups),
+             slots, kv.capacity, prefill_s, steps, wall, f", {len(decoder.graphs)} CUDA graphs" if graphs else "")
+    return {"prefill_s": prefill_s, "decode_s": wall - prefill_s, "steps": steps, "rows": rows, "slots": slots,
+            "capacity": kv.capacity, "pool_seconds": wall}

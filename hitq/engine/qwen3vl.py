@@ -209,11 +209,12 @@ class TransformersEngine:
         force_lengths: dict | None = None,
         max_batch_rows: int = 64,
         kv_budget_tokens: int | None = None,
+        cuda_graphs: Any = True,
         **unknown: Any,
     ):
         if unknown:
             known = ("dtype, attn, load_weights, random_weights, inject_oom, image_cap_pixels, fast, force_lengths, "
-                     "max_batch_rows, kv_budget_tokens")
+                     "max_batch_rows, kv_budget_tokens, cuda_graphs")
             raise UsageError(f"unknown transformers engine option(s) {', '.join(sorted(unknown))}: choose from {known}")
         self.model_dir = Path(model_dir) if model_dir else None
         if self.model_dir is None or not self.model_dir.is_dir():
@@ -234,6 +235,7 @@ class TransformersEngine:
         self.force_lengths = {str(k): int(v) for k, v in (force_lengths or {}).items()}
         self.max_batch_rows = int(max_batch_rows)
         self.kv_budget_tokens = int(kv_budget_tokens) if kv_budget_tokens is not None else None
+        self.cuda_graphs = _flag(cuda_graphs)  # fast path on CUDA: decode steps replayed as CUDA graphs
 
         from transformers import AutoProcessor
 
@@ -489,34 +491,33 @@ class TransformersEngine:
         return outputs
 
     def _generate_fast(self, batch: list[Prepared], sizes: str) -> list[Output]:
-        """Greedy: groups sharing a prefix prefill it once; decode batches planned under the free
-        memory run all their rows together (hitq.engine.fastgen, hitq.engine.planner)."""
+        """Greedy: groups sharing a prefix prefill it once; pools of cache slots planned under the
+        free memory decode their rows together and refill a slot as soon as its row stops
+        (hitq.engine.fastgen, hitq.engine.planner)."""
         from hitq.engine import fastgen, planner
 
         rows = [fastgen.Row(p, self.force_lengths.get(str(p.key), p.max_new_tokens), str(p.key) in self.force_lengths)
                 for p in batch]
         groups = fastgen.make_groups(rows, self.image_token_id)
         budget = planner.device_budget(self.model, self.device, self.max_batch_rows, self.kv_budget_tokens)
-        plan = planner.plan(groups, budget, length=lambda g: g.longest, limit=lambda g: max(r.limit for r in g.rows),
-                            cap=lambda g: max(r.prepared.max_new_tokens for r in g.rows))
         stopper = fastgen.Stopper(self.tokenizer, self.eos_ids, answer_complete)
         kwarg = fastgen.cache_kwarg(self.model)
+        graphs = self.device.type == "cuda" and self.cuda_graphs
         outputs: dict[int, Output] = {}
         oom = None
         try:
-            for decode_batch in plan:
+            for pool, slots in planner.pools(groups, budget):
                 with torch.inference_mode():
-                    timing = fastgen.run_batch(self.model, decode_batch, stopper, self.eos_ids, self.device, kwarg,
-                                               lambda: _device_sync(self.device))
+                    timing = fastgen.run_pool(self.model, pool, slots, stopper, self.eos_ids, self.device, kwarg,
+                                              lambda: _device_sync(self.device), graphs)
                 reserved = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
-                seconds = timing["prefill_s"] + timing["decode_s"]
-                for g in decode_batch:
+                for g in pool:
                     for r in g.rows:
                         extra = dict(timing, input_tokens=r.prepared.count.tokens, shared_prefix=g.split if len(g.rows) > 1 else 0,
-                                     batch_size=timing["rows"], batch_seconds=seconds, max_memory_reserved=reserved,
-                                     forced_length=r.forced)
+                                     group_prefill_s=r.timing.get("prefill_s"), latency_s=r.timing.get("seconds"),
+                                     batch_size=slots, max_memory_reserved=reserved, forced_length=r.forced)
                         text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
-                        outputs[id(r.prepared)] = Output(r.prepared.key, text, len(r.ids), seconds / timing["rows"], extra)
+                        outputs[id(r.prepared)] = Output(r.prepared.key, text, len(r.ids), timing["pool_seconds"] / timing["rows"], extra)
         except Exception as e:  # noqa: BLE001
             if not _is_oom(e):
                 raise
@@ -545,6 +546,7 @@ class TransformersEngine:
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.attn,
             "weights": self.weights,
-            "generation": "fastgen (shared prefixes, batched decode)" if self.fast else "model.generate",
+            "generation": ("fastgen (shared prefixes, continuous batching, CUDA-graph decode)" if self.cuda_graphs and self.device.type == "cuda"
+                           else "fastgen (shared prefixes, continuous batching)") if self.fast else "model.generate",
             "parameters": sum(p.numel() for p in self.model.parameters()) if self.model is not None else None,
         }

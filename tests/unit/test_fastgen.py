@@ -2,6 +2,8 @@
 prefixes (text and image), singletons, natural stops and forced lengths give the same tokens."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -66,25 +68,39 @@ def test_forced_lengths_equal_generate_with_min_new_tokens(engines):
             assert (out.output_tokens, out.text) == (n, slow.tokenizer.decode(ids, skip_special_tokens=True))
 
 
-def test_small_kv_budget_splits_into_several_decode_batches(engines):
+@pytest.mark.parametrize("budget, rows", [(3000, 64), (None, 2)])
+def test_few_slots_refilled_as_rows_stop_give_the_same_tokens(engines, budget, rows):
     fast, slow, picture = engines
     batch = _requests(fast, picture)
     want = [(o.text, o.output_tokens) for o in fast.generate(batch, GREEDY)]
-    fast.kv_budget_tokens = 3000
+    fast.kv_budget_tokens, fast.max_batch_rows = budget, rows
     try:
         got = fast.generate(batch, GREEDY)
     finally:
-        fast.kv_budget_tokens = None
+        fast.kv_budget_tokens, fast.max_batch_rows = None, 64
     assert [(o.text, o.output_tokens) for o in got] == want
-    assert max(o.extra["batch_size"] for o in got) < len(batch)
+    assert max(o.extra["batch_size"] for o in got) < len(batch)  # fewer slots than rows: slots were refilled
 
 
-def test_planner_packs_by_cap_then_length_under_the_budget():
+def test_pools_group_similar_lengths_and_admit_long_outputs_first():
+    class R:
+        def __init__(self, cap):
+            self.prepared = type("P", (), {"max_new_tokens": cap})()
+
+    @dataclasses.dataclass
     class G:
-        def __init__(self, n, length, cap):
-            self.rows, self.length, self.cap = [0] * n, length, cap
+        rows: list
+        need: int
+        longest: int
 
-    groups = [G(2, 100, 512), G(1, 900, 512), G(3, 50, 2048), G(1, 10, 512)]
+    def group(n, need, cap):
+        return G([R(cap) for _ in range(n)], need, need - 100)
+
+    groups = [group(2, 1000, 512), group(1, 900, 512), group(3, 400, 2048), group(1, 300, 512), group(1, 200, 512),
+              group(5, 100, 512)]
     budget = planner.Budget(bytes=4000, kv_per_token=1, workspace_per_token=0, max_rows=4)
-    batches = planner.plan(groups, budget, length=lambda g: g.length, limit=lambda g: 100, cap=lambda g: g.cap)
-    assert [[g.length for g in b] for b in batches] == [[50, 900], [100, 10]]  # 4 rows x 1000 fits; 6 rows do not
+    got = [([(len(g.rows), g.need) for g in pool], slots) for pool, slots in planner.pools(groups, budget)]
+    # 1000 and 900 share a pool (4 slots of 1000, 3 used); 400 is at most half of 1000 and finds no free
+    # slot, so it opens the next pool, which admits its 2048-cap group first; 200 finds no slot in the
+    # 400-pool either; the 5-row group is cut into 4 + 1 for its 4 slots.
+    assert got == [([(2, 1000), (1, 900)], 3), ([(3, 400), (1, 300)], 4), ([(1, 200)], 1), ([(4, 100), (1, 100)], 4)]
