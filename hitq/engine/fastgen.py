@@ -1,22 +1,22 @@
 """Greedy generation for Qwen3-VL with shared prefixes and continuous batching (gpt-fast style).
 
-    kv = KVSlots(model, slots, capacity)                      # static cache, one slot per live request
-    firsts, delta = prefill_group(model, group, device, kwarg, kv, slots)   # prefix once, suffix per row
-    decoder = Decoder(model, kv, eos_ids, graphs=True)        # one decode step, CUDA graph per span bucket
-    next_tokens = decoder.step(tokens, positions, forbid)     # all slots at once
-    timings = run_pool(model, groups, ...)                    # slots refilled as rows finish
+    arena = Arena(model, positions)                           # the KV cache of every live request
+    firsts, delta = prefill_group(model, group, device, kwarg, arena, starts)  # prefix once, suffix per row
+    decoder = Decoder(model, arena, rows, max_k, eos_ids, graphs=True)        # one step, a CUDA graph
+    next_tokens = decoder.step(live)                          # every live request at once
+    figures = run(model, groups, positions, rows, ...)        # rows admitted as others stop
 
 Why this split: transformers' forward is the only code that knows images (vision tower,
 deepstack, 3-D positions), so it prefills each shared prefix, which always holds every image of
 the prompt. Everything after it is text, whose M-RoPE position is the same on all three axes
-(index + the prefix's rope delta), so a small text-only forward over a static, right-padded
-cache runs each question's suffix and every decode step. Decode steps have fixed shapes (all
-slots, attention span rounded up to a bucket), so on CUDA each bucket is captured once as a CUDA
-graph and replayed: no Python or kernel-launch cost per layer.
+(index + the prefix's rope delta), so a small text-only forward over the arena runs each
+question's suffix and every decode step. A decode step has fixed shapes (all decode positions;
+flash-attention varlen reads each row's own region, however long), so on CUDA it is captured
+once as a CUDA graph and replayed: no Python or kernel-launch cost per layer.
 
-A slot is refilled as soon as its request stops (continuous batching), so a 2,048-token chart
-answer does not hold a batch of 12-token answers. Requests are split into pools of similar
-length (hitq.engine.planner) so that a slot's capacity is not mostly padding.
+A request is admitted as soon as a decode position and a region of its size are free
+(continuous batching), so a 2,048-token chart answer does not hold a batch of 12-token answers,
+and a 99k-token prompt takes 99k positions, not those of the batch's longest row.
 Rows stop at their own limit, at EOS, or after a complete `[Final Answer]:` line, with the
 rules of `model.generate` + the engine's `_StepWatch`, so greedy outputs are the same tokens.
 """
@@ -36,13 +36,6 @@ from hitq.engine.base import Prepared
 
 SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")  # (1, L) tensors
 log = logging.getLogger("hitq.engine")
-ALIGN = 64  # cache lengths are rounded up to this (aligned masks keep the kernels on their fast paths)
-
-
-def _round_up(n: int, to: int = ALIGN) -> int:
-    return -(-n // to) * to
-
-
 def cache_kwarg(model) -> str:
     """The forward's name for the KV cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -62,31 +55,71 @@ def kv_bytes_per_token(model) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * _head_dim(c) * model.dtype.itemsize
 
 
-class KVSlots:
-    """A static KV cache: per layer (slots, kv_heads, capacity, head_dim) for keys and values.
-    Slot s holds one request's tokens at positions [0, lengths[s]) (right padding)."""
+class Arena:
+    """The KV cache of every live request: per layer one flat (positions, kv_heads, head_dim)
+    buffer for keys and one for values. A request owns a contiguous region of exactly its need
+    (prompt + output limit), taken first-fit and given back when it stops, so long and short
+    requests share the memory without padding. The last position is scratch: idle decode rows
+    write there. On CUDA in bf16/fp16 attention is flash-attention's varlen kernel (each row
+    reads only its own tokens, wherever its region lies); elsewhere a per-row reference path."""
 
-    def __init__(self, model, slots: int, capacity: int):
+    def __init__(self, model, positions: int):
         c = model.config.text_config
-        shape = (slots, c.num_key_value_heads, _round_up(capacity), _head_dim(c))
+        self.heads, self.head_dim = c.num_key_value_heads, _head_dim(c)
         device = next(model.parameters()).device
-        # Zeros, not empty: masked-out positions still enter the attention's value product (weight 0),
-        # and 0 x a NaN left in uninitialised memory is NaN.
+        shape = (positions + 1, self.heads, self.head_dim)
+        # Zeros, not empty: NaNs left in uninitialised memory must not reach a masked product.
         self.k = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(c.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(c.num_hidden_layers)]
-        self.lengths = [0] * slots
-        self.capacity = shape[2]
+        self.scratch = positions
+        self.free = [(0, positions)]  # (start, size), sorted by start
+        self.flash = device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
 
-    @property
-    def slots(self) -> int:
-        return len(self.lengths)
+    def take(self, n: int) -> int | None:
+        """The start of a free region of n positions (first fit), or None."""
+        for i, (start, size) in enumerate(self.free):
+            if size >= n:
+                self.free[i : i + 1] = [(start + n, size - n)] if size > n else []
+                return start
+        return None
 
-    def load(self, slot: int, cache, n: int) -> None:
-        """Copy the first n positions of a transformers DynamicCache (batch 1) into `slot`."""
+    def give(self, start: int, n: int) -> None:
+        self.free.append((start, n))
+        self.free.sort()
+        merged = [self.free[0]]
+        for s, size in self.free[1:]:
+            if merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + size)
+            else:
+                merged.append((s, size))
+        self.free = merged
+
+    def load(self, start: int, cache, n: int) -> None:
+        """Copy the first n positions of a transformers DynamicCache (batch 1) to start.."""
         for i, (k, v) in enumerate(_cache_tensors(cache)):
-            self.k[i][slot, :, :n] = k[0, :, :n]
-            self.v[i][slot, :, :n] = v[0, :, :n]
-        self.lengths[slot] = n
+            self.k[i][start : start + n] = k[0, :, :n].transpose(0, 1)
+            self.v[i][start : start + n] = v[0, :, :n].transpose(0, 1)
+
+
+@dataclass
+class Where:
+    """Where one forward_text call writes and reads: R rows of T new tokens each.
+    write (R, T) arena index of each new token; starts (R + 1,) int32 region starts (the last
+    entry unused); used (R,) int32 positions each row attends to, its new tokens included;
+    max_k the largest region. host: (starts, used) as lists, for the reference path."""
+
+    write: torch.Tensor
+    starts: torch.Tensor
+    used: torch.Tensor
+    max_k: int
+    host: tuple | None = None
+
+    @classmethod
+    def rows(cls, starts: list[int], lengths: list[int], T: int, max_k: int, device) -> "Where":
+        write = torch.tensor([[s + n + t for t in range(T)] for s, n in zip(starts, lengths)], device=device)
+        used = [n + T for n in lengths]
+        return cls(write, torch.tensor(starts + [0], dtype=torch.int32, device=device),
+                   torch.tensor(used, dtype=torch.int32, device=device), max_k, (starts, used))
 
 
 def _cache_tensors(cache):
@@ -110,20 +143,16 @@ def prefill(model, inputs: dict, upto: int, kwarg: str) -> tuple[torch.Tensor, o
     return out.logits[:, -1], cache, delta
 
 
-def forward_text(model, kv: KVSlots, first: int, tokens: torch.Tensor, positions: torch.Tensor,
-                 starts: torch.Tensor, span: int) -> torch.Tensor:
-    """Run text tokens (R, T) at rope `positions` (R, T) on slots first..first+R of `kv`, writing
-    their K/V at `starts` (R,) onwards and attending to the first `span` positions (masked to
-    each row's own length); returns the last position's logits (R, vocab). No host syncs, fixed
-    shapes: a decode step over all slots can be captured as a CUDA graph."""
+def forward_text(model, arena: Arena, tokens: torch.Tensor, positions: torch.Tensor, where: Where) -> torch.Tensor:
+    """Run text tokens (R, T) at rope `positions` (R, T), writing their K/V at `where.write` and
+    attending causally to each row's region; returns the last position's logits (R, vocab).
+    On the flash path there are no host syncs and the shapes are fixed: a decode step can be
+    captured as a CUDA graph."""
     lm = text_model(model)
     rope = sys.modules[type(lm.layers[0].self_attn).__module__].apply_rotary_pos_emb
     R, T = tokens.shape
-    index = starts[:, None] + torch.arange(T, device=tokens.device)  # (R, T) cache position of each new token
-    visible = torch.arange(span, device=tokens.device)[None, None, :] <= index[:, :, None]  # (R, T, span)
     h = lm.embed_tokens(tokens)
     cos, sin = lm.rotary_emb(h, positions[None].expand(3, R, T))
-    rows = torch.arange(R, device=tokens.device)[:, None]
     for i, layer in enumerate(lm.layers):
         a = layer.self_attn
         x = layer.input_layernorm(h)
@@ -131,85 +160,106 @@ def forward_text(model, kv: KVSlots, first: int, tokens: torch.Tensor, positions
         k = a.k_norm(a.k_proj(x).view(R, T, -1, a.head_dim)).transpose(1, 2)
         v = a.v_proj(x).view(R, T, -1, a.head_dim).transpose(1, 2)
         q, k = rope(q, k, cos, sin)
-        keys, values = kv.k[i][first : first + R], kv.v[i][first : first + R]
-        keys[rows, :, index] = k.transpose(1, 2)
-        values[rows, :, index] = v.transpose(1, 2)
-        h = h + a.o_proj(_attend(q, keys[:, :, :span], values[:, :, :span], visible, a.scaling))
+        arena.k[i][where.write] = k.transpose(1, 2)
+        arena.v[i][where.write] = v.transpose(1, 2)
+        attend = _attend_flash if arena.flash else _attend_reference
+        h = h + a.o_proj(attend(q, arena.k[i], arena.v[i], where, a.scaling))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return model.lm_head(lm.norm(h[:, -1]))
 
 
-def _attend(q, k, v, visible, scale) -> torch.Tensor:
-    """Grouped-query attention without repeating K/V: the G query heads of each KV head are
-    folded into the query length. q (R, Hq, T, D), k/v (R, Hkv, S, D), visible (R, T, S).
-
-    One new token per row (decode): two batched matmuls, which spread a long span over the whole
-    GPU (sdpa's kernels parallelise over query blocks, of which a decode step has one per head).
-    Several tokens (a question's suffix): sdpa."""
+def _attend_flash(q, k, v, where: Where, scale) -> torch.Tensor:
+    """flash-attention varlen over the arena: row r reads k/v[starts[r] : starts[r] + used[r]].
+    One new token per row (decode): the G query heads of each KV head become G query "tokens"
+    of an MHA call, so each K/V block is read once for all of them (not once per query head)."""
     R, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    q = q.reshape(R, Hkv, G * T, D)
-    mask = visible[:, None, None].expand(R, 1, G, T, visible.shape[-1]).reshape(R, 1, G * T, -1)
     if T == 1:
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~mask, float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.reshape(R, Hq, T, D).transpose(1, 2).reshape(R, T, Hq * D)
+        packed = q[:, :, 0].reshape(R, Hkv, G, D).transpose(1, 2).reshape(R * G, Hkv, D)
+        cu_q = torch.arange(0, R * G + 1, G, dtype=torch.int32, device=q.device)
+        out = torch.ops.aten._flash_attention_forward(packed, k, v, cu_q, where.starts, G, where.max_k, 0.0, False, False,
+                                                      scale=scale, seqused_k=where.used)[0]
+        return out.reshape(R, G, Hkv, D).transpose(1, 2).reshape(R, 1, Hq * D)
+    packed = q.transpose(1, 2).reshape(R * T, Hq, D)
+    cu_q = torch.arange(0, R * T + 1, T, dtype=torch.int32, device=q.device)
+    out = torch.ops.aten._flash_attention_forward(packed, k, v, cu_q, where.starts, T, where.max_k, 0.0, True, False,
+                                                  scale=scale, seqused_k=where.used)[0]  # causal: bottom-right aligned
+    return out.reshape(R, T, Hq * D)
+
+
+def _attend_reference(q, k, v, where: Where, scale) -> torch.Tensor:
+    """The same attention row by row with sdpa (CPU, fp32; tests compare it with model.generate)."""
+    R, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    outs = []
+    for r, (start, used) in enumerate(zip(*where.host)):
+        keys = k[start : start + used].transpose(0, 1)[None]  # (1, Hkv, used, D)
+        values = v[start : start + used].transpose(0, 1)[None]
+        visible = torch.arange(used, device=q.device)[None, :] <= torch.arange(used - T, used, device=q.device)[:, None]
+        mask = visible[None, None, None].expand(1, 1, G, T, used).reshape(1, 1, G * T, used)
+        out = F.scaled_dot_product_attention(q[r : r + 1].reshape(1, Hkv, G * T, D), keys, values, attn_mask=mask, scale=scale)
+        outs.append(out.reshape(1, Hq, T, D))
+    return torch.cat(outs).transpose(1, 2).reshape(R, T, Hq * D)
 
 
 # -- decode steps -----------------------------------------------------------------------------
 
 
 class Decoder:
-    """One greedy decode step over every slot of `kv`: next tokens (EOS forbidden on forced rows).
+    """One greedy decode step over `rows` batch positions: next tokens (EOS forbidden on forced
+    rows). With graphs=True (flash path) the step is captured once as a CUDA graph and replayed;
+    its inputs travel through one static (5, rows) buffer: tokens, rope positions, write index,
+    region start, positions used. Idle positions write to the arena's scratch position."""
 
-    With graphs=True (CUDA), each attention span bucket is captured once as a CUDA graph and
-    replayed; inputs travel through one static (4, slots) buffer: tokens, rope positions, cache
-    positions, forbid-EOS flags."""
-
-    def __init__(self, model, kv: KVSlots, eos_ids: list[int], graphs: bool):
-        self.model, self.kv = model, kv
-        device = kv.k[0].device
-        self.inputs = torch.zeros((4, kv.slots), dtype=torch.long, device=device)
+    def __init__(self, model, arena: Arena, rows: int, max_k: int, eos_ids: list[int], graphs: bool):
+        self.model, self.arena, self.rows, self.max_k = model, arena, rows, max_k
+        device = arena.k[0].device
+        self.inputs = torch.zeros((5, rows), dtype=torch.long, device=device)
+        self.starts = torch.zeros(rows + 1, dtype=torch.int32, device=device)
+        self.used = torch.zeros(rows, dtype=torch.int32, device=device)
         self.eos = torch.tensor(eos_ids, device=device)
-        self.quantum = max(ALIGN * 4, _round_up(kv.capacity // 16))
-        self.graphs: dict[int, tuple] = {} if graphs else None
-        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.forbid = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.graph = None
+        self.graphs = graphs and arena.flash
 
-    def _step(self, span: int) -> torch.Tensor:
-        tokens, positions, starts, forbid = self.inputs
-        logits = forward_text(self.model, self.kv, 0, tokens[:, None], positions[:, None], starts, span)
-        blocked = torch.where(forbid[:, None].bool(), float("-inf"), logits[:, self.eos])
+    def _step(self, host=None) -> torch.Tensor:
+        tokens, positions, write, starts, used = self.inputs
+        self.starts[:-1].copy_(starts)
+        self.used.copy_(used)
+        where = Where(write[:, None], self.starts, self.used, self.max_k, host)
+        logits = forward_text(self.model, self.arena, tokens[:, None], positions[:, None], where)
+        blocked = torch.where(self.forbid[:, None], float("-inf"), logits[:, self.eos])
         logits[:, self.eos] = blocked.to(logits.dtype)
         return logits.argmax(-1)
 
-    def _capture(self, span: int):
+    def _capture(self) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph (cuBLAS workspaces, allocator)
-            self._step(span)
+            self._step()
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._step(span)
-        self.graphs[span] = (graph, out)
-        return self.graphs[span]
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._step()
 
-    def step(self, tokens: list[int], positions: list[int], forbid: list[int]) -> list[int]:
-        """Append one token to every slot (at kv.lengths); returns each slot's next token.
-        Slots without a live request step too (at their current length) and are ignored."""
-        starts = self.kv.lengths
-        span = min(self.kv.capacity, _round_up(max(starts) + 1, self.quantum))
-        self.inputs.copy_(torch.tensor([tokens, positions, starts, forbid], dtype=torch.long), non_blocking=True)
-        if self.graphs is None:
-            out = self._step(span)
-        else:
-            graph, out = self.graphs.get(span) or self._capture(span)
-            graph.replay()
-        return out.tolist()
+    def step(self, live: dict) -> list[int]:
+        """live: batch position -> (last token, rope position, region start, length, forced).
+        Appends each live row's token at start + length; returns every position's next token."""
+        scratch = self.arena.scratch
+        cols = [live.get(i, (0, 0, scratch, 0, False)) for i in range(self.rows)]
+        tokens, positions, starts, lengths, forced = (list(c) for c in zip(*cols))
+        write = [s + n for s, n in zip(starts, lengths)]
+        used = [n + 1 for n in lengths]
+        self.inputs.copy_(torch.tensor([tokens, positions, write, starts, used]), non_blocking=True)
+        self.forbid.copy_(torch.tensor(forced), non_blocking=True)
+        if not self.graphs:
+            return self._step((starts, used)).tolist()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.out.tolist()
 
 
 # -- requests, groups and stopping ------------------------------------------------------------
@@ -301,26 +351,26 @@ def _to_device(inputs: dict, model, device) -> dict:
     return {k: (v.to(model.dtype) if v.is_floating_point() else v).to(device, non_blocking=True) for k, v in inputs.items()}
 
 
-def prefill_group(model, g: Group, device, kwarg: str, kv: KVSlots | None = None, slots: list[int] | None = None):
-    """Prefill the group's prefix once (transformers), copy it into `slots` of `kv`, run each
-    row's own suffix there. Returns (first-token logits of each row, the rope delta of the group)."""
-    if kv is None:
-        kv = KVSlots(model, len(g.rows), g.longest + 1)
-    slots = list(range(len(g.rows))) if slots is None else slots
+def prefill_group(model, g: Group, device, kwarg: str, arena: Arena | None = None, starts: list[int] | None = None):
+    """Prefill the group's prefix once (transformers), copy it to each row's region of `arena`
+    (`starts`), run each row's own suffix there. Returns (first-token logits of each row, the
+    rope delta of the group)."""
+    if arena is None:
+        arena = Arena(model, len(g.rows) * g.longest)
+        starts = [arena.take(g.longest) for _ in g.rows]
     inputs = _to_device(g.rows[0].prepared.inputs, model, device)
     logits, cache, delta = prefill(model, inputs, g.split, kwarg)
-    for slot in slots:
-        kv.load(slot, cache, g.split)
+    for start in starts:
+        arena.load(start, cache, g.split)
     del cache
     out = []
-    for slot, r in zip(slots, g.rows):
+    for start, r in zip(starts, g.rows):
         ids = r.prepared.inputs["input_ids"][0]
         if ids.numel() > g.split:  # the question's own tokens, on this row only
             suffix = ids[g.split :].to(device)[None]
             positions = torch.arange(g.split, ids.numel(), device=device)[None] + delta
-            starts = torch.tensor([g.split], device=device)
-            out.append(forward_text(model, kv, slot, suffix, positions, starts, _round_up(ids.numel())))
-            kv.lengths[slot] = ids.numel()
+            where = Where.rows([start], [g.split], suffix.shape[1], r.length + r.limit, device)
+            out.append(forward_text(model, arena, suffix, positions, where))
         else:
             out.append(logits)
     return out, delta
@@ -335,60 +385,68 @@ def _pick(logits: torch.Tensor, rows: list[Row], eos_ids: list[int]) -> list[int
     return logits.argmax(-1).tolist()
 
 
-# -- one pool: continuous batching ------------------------------------------------------------
+# -- continuous batching ----------------------------------------------------------------------
 
 
-def run_pool(model, groups: list[Group], slots: int, stopper: Stopper, eos_ids: list[int], device: torch.device,
-             kwarg: str, sync, graphs: bool) -> dict:
-    """Run `groups` (in order) through `slots` cache slots: a group is admitted (prefilled) as soon
-    as enough slots are free, every live row decodes together, a finished row frees its slot.
-    Each row's `timing` gets its group's prefill time and its admission-to-finish time.
-    Returns the pool's figures: {"prefill_s", "decode_s", "steps", "rows", "slots", "capacity"}."""
-    capacity = max(g.need for g in groups)
+def run(model, groups: list[Group], positions: int, rows: int, stopper: Stopper, eos_ids: list[int], device,
+        kwarg: str, sync, graphs: bool) -> dict:
+    """Run `groups` (in admission order) through an arena of `positions` cache positions and
+    `rows` decode positions: a group is admitted (prefilled) as soon as its rows find free decode
+    positions and regions, every live row decodes together, a stopped row frees both at once.
+    Each row's `timing` gets its group's prefill time and its admission-to-stop time.
+    Returns the figures: {"prefill_s", "decode_s", "steps", "rows", "positions", "most_live", "seconds"}."""
+    need = max(sum(r.length + r.limit for r in g.rows) for g in groups)
+    if need > positions:
+        raise torch.cuda.OutOfMemoryError(f"a group needs {need} cache positions, {positions} fit in memory")
     sync()
     start = time.perf_counter()
-    kv = KVSlots(model, slots, capacity)
-    decoder = Decoder(model, kv, eos_ids, graphs)
-    pending, free, live = deque(groups), list(range(slots))[::-1], {}  # live: slot -> (row, rope delta)
-    prefill_s = steps = 0
+    arena = Arena(model, positions)
+    decoder = Decoder(model, arena, rows, max(g.need for g in groups), eos_ids, graphs)
+    pending, free, live = deque(groups), list(range(rows))[::-1], {}  # live: batch position -> (row, region, delta)
+    prefill_s = steps = most = 0
     while pending or live:
         while pending and len(pending[0].rows) <= len(free):
-            g = pending.popleft()
-            taken = [free.pop() for _ in g.rows]
+            g = pending[0]
+            regions = [arena.take(r.length + r.limit) for r in g.rows]
+            if None in regions:  # memory is full until live rows stop
+                for region, r in zip(regions, g.rows):
+                    if region is not None:
+                        arena.give(region, r.length + r.limit)
+                break
+            pending.popleft()
             t0 = time.perf_counter()
-            logits, delta = prefill_group(model, g, device, kwarg, kv, taken)
+            logits, delta = prefill_group(model, g, device, kwarg, arena, regions)
             firsts = _pick(torch.cat(logits), g.rows, eos_ids)
             t1 = time.perf_counter()  # the token list above waited for the prefill
             prefill_s += t1 - t0
-            for slot, r, token in zip(taken, g.rows, firsts):
+            for region, r, token in zip(regions, g.rows, firsts):
                 r.timing.update(prefill_s=t1 - t0, admitted=t0)
                 stopper.push(r, token)
                 if r.done:
-                    free.append(slot)
-                    kv.lengths[slot] = 0
+                    arena.give(region, r.length + r.limit)
                     r.timing["seconds"] = time.perf_counter() - t0
                 else:
-                    live[slot] = (r, delta)
+                    live[free.pop()] = (r, region, delta)
         if not live:
+            if pending:  # nothing live and still no room: cannot happen, every group fits alone
+                raise torch.cuda.OutOfMemoryError("no room for the next request in an empty cache")
             continue
-        tokens, positions, forbid = [0] * slots, [0] * slots, [0] * slots
-        for slot, (r, delta) in live.items():
-            tokens[slot], positions[slot], forbid[slot] = r.ids[-1], kv.lengths[slot] + delta, int(r.forced)
-        next_tokens = decoder.step(tokens, positions, forbid)
-        steps += 1
+        step = {i: (r.ids[-1], r.length + len(r.ids) - 1 + delta, region, r.length + len(r.ids) - 1, r.forced)
+                for i, (r, region, delta) in live.items()}
+        next_tokens = decoder.step(step)
+        steps, most = steps + 1, max(most, len(live))
         now = time.perf_counter()
-        for slot, (r, _) in list(live.items()):
-            kv.lengths[slot] += 1
-            stopper.push(r, next_tokens[slot])
+        for i, (r, region, _) in list(live.items()):
+            stopper.push(r, next_tokens[i])
             if r.done:
-                del live[slot]
-                free.append(slot)
-                kv.lengths[slot] = 0  # a free slot must not widen the attention span
+                del live[i]
+                free.append(i)
+                arena.give(region, r.length + r.limit)
                 r.timing["seconds"] = now - r.timing["admitted"]
     sync()
     wall = time.perf_counter() - start
-    rows = sum(len(g.rows) for g in groups)
-    log.info("pool: %d rows, %d groups, %d slots x %d, prefill %.2f s, %d steps, %.2f s in all%s", rows, len(groups),
-             slots, kv.capacity, prefill_s, steps, wall, f", {len(decoder.graphs)} CUDA graphs" if graphs else "")
-    return {"prefill_s": prefill_s, "decode_s": wall - prefill_s, "steps": steps, "rows": rows, "slots": slots,
-            "capacity": kv.capacity, "pool_seconds": wall}
+    n = sum(len(g.rows) for g in groups)
+    log.info("decode: %d rows, %d groups, %d positions, up to %d of %d rows live, prefill %.2f s, %d steps, %.2f s in all%s",
+             n, len(groups), positions, most, rows, prefill_s, steps, wall, ", CUDA graph" if decoder.graphs else "")
+    return {"prefill_s": prefill_s, "decode_s": wall - prefill_s, "steps": steps, "rows": n, "positions": positions,
+            "most_live": most, "seconds": wall}

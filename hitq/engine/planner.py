@@ -1,66 +1,53 @@
-"""Pools of cache slots under a memory budget: which requests share one static KV cache.
+"""How much KV cache a fast-path call may take, and in which order its groups are admitted.
 
-A pool of S slots with capacity C (the longest prompt + output limit among its requests)
-allocates S x C cache positions, and its prefills need a workspace that grows with the longest
-prompt (activations and the prefix's own DynamicCache). Requests are sorted by what they need
-(prompt + limit); a pool takes the longest remaining ones and every shorter one that is at
-least half as long, or that still finds a free slot at once, so a slot's capacity is not mostly
-padding. Inside a pool, groups are admitted longest output cap first (chart answers start early
-and the short answers fill the slots around them). S x C x kv_bytes + workspace stays under the
-device's free memory: the OOM ladder is the exception, not the schedule.
+The arena (hitq.engine.fastgen.Arena) holds every live request's region of exactly its need
+(prompt + output limit); it gets the device's free memory less the prefill workspace of the
+longest prompt (activations and the prefix's own DynamicCache, per prompt token), so the OOM
+ladder is the exception, not the schedule. Groups are admitted longest output cap first (chart
+answers start early and the short answers fill the decode rows around them), then longest need
+first (large regions before the arena fragments).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Budget:
-    """What one pool may use."""
+    """What one call may use."""
 
     bytes: int  # device memory free for the cache and the prefill workspace
     kv_per_token: int  # bytes of K+V per cache position (all layers)
     workspace_per_token: int  # prefill activations + the prefix's DynamicCache, per prompt token
-    max_rows: int = 64
+    max_rows: int = 64  # decode rows (requests decoding together)
 
-    def slots(self, capacity: int, longest: int) -> int:
-        """Slots of `capacity` positions that fit beside the prefill workspace of `longest` tokens (>= 1)."""
-        free = self.bytes - longest * self.workspace_per_token
-        return max(1, min(self.max_rows, free // max(1, capacity * self.kv_per_token)))
-
-
-def _cap(g) -> int:
-    return max(r.prepared.max_new_tokens for r in g.rows)
+    def positions(self, longest: int) -> int:
+        """Cache positions that fit beside the prefill workspace of a `longest`-token prompt."""
+        return max(0, (self.bytes - longest * self.workspace_per_token) // max(1, self.kv_per_token))
 
 
-def pools(groups: Sequence, budget: Budget) -> list[tuple[list, int]]:
-    """Split `groups` (fastgen.Group: rows, need, longest) into pools: [(groups in admission
-    order, slots)]. A group larger than its pool's slots is cut into parts that fit (each part
-    prefills the shared prefix once)."""
-    order = sorted(groups, key=lambda g: -g.need)
-    out: list[tuple[list, int]] = []
-    current: list = []
-    for g in order:
-        if current:
-            capacity = current[0].need
-            slots = budget.slots(capacity, max(x.longest for x in current + [g]))
-            rows = sum(len(x.rows) for x in current) + len(g.rows)
-            if 2 * g.need <= capacity and rows > slots:
-                out.append(_close(current, budget))
-                current = []
-        current.append(g)
-    if current:
-        out.append(_close(current, budget))
-    return out
+def admission_order(groups: Sequence) -> list:
+    """Longest output cap first, then largest need (fastgen.Group: rows, need)."""
+    return sorted(groups, key=lambda g: (-max(r.prepared.max_new_tokens for r in g.rows), -g.need))
 
 
-def _close(groups: list, budget: Budget) -> tuple[list, int]:
-    slots = min(budget.slots(groups[0].need, max(g.longest for g in groups)), sum(len(g.rows) for g in groups))
-    parts = []
+def split_large(groups: Sequence, rows: int, positions: int) -> list:
+    """Cut a group into parts of at most `rows` rows whose regions fit in `positions` together
+    (each part prefills the shared prefix once). A single row larger than `positions` stays:
+    fastgen.run reports it as out of memory."""
+    from dataclasses import replace
+
+    out = []
     for g in groups:
-        parts += [replace(g, rows=g.rows[i : i + slots]) for i in range(0, len(g.rows), slots)] if len(g.rows) > slots else [g]
-    return sorted(parts, key=lambda g: (-_cap(g), -g.need)), slots
+        part: list = []
+        for r in g.rows:
+            if part and (len(part) == rows or sum(x.length + x.limit for x in part + [r]) > positions):
+                out.append(replace(g, rows=part))
+                part = []
+            part.append(r)
+        out.append(replace(g, rows=part) if len(part) < len(g.rows) else g)
+    return out
 
 
 def device_budget(model, device, max_rows: int, kv_budget_tokens: int | None = None, margin: float = 0.9) -> Budget:

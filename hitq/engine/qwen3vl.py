@@ -491,8 +491,8 @@ class TransformersEngine:
         return outputs
 
     def _generate_fast(self, batch: list[Prepared], sizes: str) -> list[Output]:
-        """Greedy: groups sharing a prefix prefill it once; pools of cache slots planned under the
-        free memory decode their rows together and refill a slot as soon as its row stops
+        """Greedy: groups sharing a prefix prefill it once; every row decodes with the others in
+        one KV arena sized to the free memory, and a row is admitted as soon as another stops
         (hitq.engine.fastgen, hitq.engine.planner)."""
         from hitq.engine import fastgen, planner
 
@@ -502,22 +502,22 @@ class TransformersEngine:
         budget = planner.device_budget(self.model, self.device, self.max_batch_rows, self.kv_budget_tokens)
         stopper = fastgen.Stopper(self.tokenizer, self.eos_ids, answer_complete)
         kwarg = fastgen.cache_kwarg(self.model)
-        graphs = self.device.type == "cuda" and self.cuda_graphs
+        positions = min(budget.positions(max(g.longest for g in groups)), sum(r.length + r.limit for r in rows))
+        order = planner.admission_order(planner.split_large(groups, budget.max_rows, positions))
         outputs: dict[int, Output] = {}
         oom = None
         try:
-            for pool, slots in planner.pools(groups, budget):
-                with torch.inference_mode():
-                    timing = fastgen.run_pool(self.model, pool, slots, stopper, self.eos_ids, self.device, kwarg,
-                                              lambda: _device_sync(self.device), graphs)
-                reserved = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
-                for g in pool:
-                    for r in g.rows:
-                        extra = dict(timing, input_tokens=r.prepared.count.tokens, shared_prefix=g.split if len(g.rows) > 1 else 0,
-                                     group_prefill_s=r.timing.get("prefill_s"), latency_s=r.timing.get("seconds"),
-                                     batch_size=slots, max_memory_reserved=reserved, forced_length=r.forced)
-                        text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
-                        outputs[id(r.prepared)] = Output(r.prepared.key, text, len(r.ids), timing["pool_seconds"] / timing["rows"], extra)
+            with torch.inference_mode():
+                timing = fastgen.run(self.model, order, positions, min(budget.max_rows, len(rows)), stopper, self.eos_ids,
+                                     self.device, kwarg, lambda: _device_sync(self.device), self.cuda_graphs)
+            reserved = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
+            for g in order:
+                for r in g.rows:
+                    extra = dict(timing, input_tokens=r.prepared.count.tokens, shared_prefix=g.split if len(g.rows) > 1 else 0,
+                                 group_prefill_s=r.timing.get("prefill_s"), latency_s=r.timing.get("seconds"),
+                                 batch_size=min(budget.max_rows, len(rows)), max_memory_reserved=reserved, forced_length=r.forced)
+                    text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
+                    outputs[id(r.prepared)] = Output(r.prepared.key, text, len(r.ids), timing["seconds"] / timing["rows"], extra)
         except Exception as e:  # noqa: BLE001
             if not _is_oom(e):
                 raise

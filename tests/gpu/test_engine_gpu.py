@@ -82,20 +82,28 @@ def test_8b_random_weights_generate(picture):
     assert out.output_tokens <= 5 and out.extra["input_tokens"] == 789
 
 
-def test_fast_path_cuda_graphs_equal_eager_steps_and_generate(tmp_path_factory, picture):
-    """float32 on CUDA: the fast path (CUDA-graph decode, 2 slots refilled as rows stop) gives
-    the tokens of one-at-a-time `model.generate`, and the same tokens without graphs."""
+def test_fast_path_on_cuda_equals_generate_and_its_cuda_graph_equals_eager_steps(tmp_path_factory, picture):
+    """float32: the fast path (2 decode rows, admitted as others stop) gives the tokens of
+    one-at-a-time `model.generate`. bf16: flash-attention varlen decode replayed as a CUDA graph
+    gives the tokens of the same steps run eagerly."""
     model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny32") / "m")
-    fast = TransformersEngine(model_dir, device="cuda", dtype="float32", fast=True, max_batch_rows=2)
     table = "<table>" + "".join(f"<tr><td>r{i}</td><td>{i * 7}</td></tr>" for i in range(60)) + "</table>"
     reqs = [(i, messages(f"{table}\nQuestion: {q}"), 6 + 9 * i, "t") for i, q in enumerate(["What is r3?", "Sum?", "Why?"])]
     reqs += [(10, messages("Describe.", picture), 20, None), (11, messages("Hi"), 7, None)]
-    batch = [fast.prepare(k, m, LIMITS, n, False, key) for k, m, n, key in reqs]
-    graphs = fast.generate(batch, GREEDY)
-    assert max(o.extra["batch_size"] for o in graphs) == 2  # 5 rows through 2 slots: refilled
-    fast.cuda_graphs = False
-    eager = fast.generate(batch, GREEDY)
-    fast.fast = False
-    slow = [fast.generate([p], GREEDY)[0] for p in batch]
-    assert [(o.text, o.output_tokens) for o in graphs] == [(o.text, o.output_tokens) for o in eager]
-    assert [(o.text, o.output_tokens) for o in graphs] == [(o.text, o.output_tokens) for o in slow]
+
+    def texts(outputs):
+        return [(o.text, o.output_tokens) for o in outputs]
+
+    fp32 = TransformersEngine(model_dir, device="cuda", dtype="float32", fast=True, max_batch_rows=2)
+    batch = [fp32.prepare(k, m, LIMITS, n, False, key) for k, m, n, key in reqs]
+    fast = fp32.generate(batch, GREEDY)
+    assert max(o.extra["most_live"] for o in fast) == 2
+    fp32.fast = False
+    assert texts(fast) == texts([fp32.generate([p], GREEDY)[0] for p in batch])
+
+    bf16 = TransformersEngine(model_dir, device="cuda", fast=True, max_batch_rows=2)
+    batch = [bf16.prepare(k, m, LIMITS, n, False, key) for k, m, n, key in reqs]
+    graphs = bf16.generate(batch, GREEDY)
+    bf16.cuda_graphs = False
+    assert texts(graphs) == texts(bf16.generate(batch, GREEDY))
+    assert bf16.describe()["generation"].startswith("fastgen")

@@ -79,28 +79,26 @@ def test_few_slots_refilled_as_rows_stop_give_the_same_tokens(engines, budget, r
     finally:
         fast.kv_budget_tokens, fast.max_batch_rows = None, 64
     assert [(o.text, o.output_tokens) for o in got] == want
-    assert max(o.extra["batch_size"] for o in got) < len(batch)  # fewer slots than rows: slots were refilled
+    assert max(o.extra["most_live"] for o in got) < len(batch)  # rows were admitted as others stopped
 
 
-def test_pools_group_similar_lengths_and_admit_long_outputs_first():
+def test_admission_order_and_budget():
     class R:
-        def __init__(self, cap):
-            self.prepared = type("P", (), {"max_new_tokens": cap})()
+        def __init__(self, cap, need):
+            self.prepared, self.length, self.limit = type("P", (), {"max_new_tokens": cap})(), need - 100, 100
 
     @dataclasses.dataclass
     class G:
         rows: list
         need: int
-        longest: int
 
     def group(n, need, cap):
-        return G([R(cap) for _ in range(n)], need, need - 100)
+        return G([R(cap, need) for _ in range(n)], need)
 
-    groups = [group(2, 1000, 512), group(1, 900, 512), group(3, 400, 2048), group(1, 300, 512), group(1, 200, 512),
-              group(5, 100, 512)]
-    budget = planner.Budget(bytes=4000, kv_per_token=1, workspace_per_token=0, max_rows=4)
-    got = [([(len(g.rows), g.need) for g in pool], slots) for pool, slots in planner.pools(groups, budget)]
-    # 1000 and 900 share a pool (4 slots of 1000, 3 used); 400 is at most half of 1000 and finds no free
-    # slot, so it opens the next pool, which admits its 2048-cap group first; 200 finds no slot in the
-    # 400-pool either; the 5-row group is cut into 4 + 1 for its 4 slots.
-    assert got == [([(2, 1000), (1, 900)], 3), ([(3, 400), (1, 300)], 4), ([(1, 200)], 1), ([(4, 100), (1, 100)], 4)]
+    groups = [group(2, 1000, 512), group(1, 400, 2048), group(5, 3000, 512), group(3, 900, 2048)]
+    parts = planner.split_large(groups, rows=4, positions=10_000)  # 4 rows at most; 3 x 3000 fit in 10,000
+    assert [(len(g.rows), g.need) for g in parts] == [(2, 1000), (1, 400), (3, 3000), (2, 3000), (3, 900)]
+    order = planner.admission_order(parts)
+    assert [(len(g.rows), g.need) for g in order] == [(3, 900), (1, 400), (3, 3000), (2, 3000), (2, 1000)]
+    budget = planner.Budget(bytes=10_000, kv_per_token=2, workspace_per_token=3, max_rows=4)
+    assert budget.positions(1000) == 3500 and budget.positions(4000) == 0
