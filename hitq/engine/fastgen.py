@@ -83,6 +83,18 @@ class Arena:
                 return start
         return None
 
+    def take_all(self, sizes: list[int]) -> list[int] | None:
+        """Regions of all `sizes`, or none of them (None)."""
+        starts = []
+        for n in sizes:
+            start = self.take(n)
+            if start is None:
+                for got, m in zip(starts, sizes):
+                    self.give(got, m)
+                return None
+            starts.append(start)
+        return starts
+
     def give(self, start: int, n: int) -> None:
         self.free.append((start, n))
         self.free.sort()
@@ -103,23 +115,48 @@ class Arena:
 
 @dataclass
 class Where:
-    """Where one forward_text call writes and reads: R rows of T new tokens each.
-    write (R, T) arena index of each new token; starts (R + 1,) int32 region starts (the last
-    entry unused); used (R,) int32 positions each row attends to, its new tokens included;
-    max_k the largest region. host: (starts, used) as lists, for the reference path."""
+    """Where one forward_text call writes and what it reads: R rows of T new tokens each.
+
+    write (R, T): arena index of each new token. A row reads two segments: its group's shared
+    prefix (all visible) and its own region (its suffix and outputs so far, the new tokens
+    included; causal). host: per row [(prefix start, length), (own start, length)], which the
+    reference path reads. chunks (flash path): each row's segments cut into K pieces, each run
+    as one flash-attention "sequence" and merged by log-sum-exp (flash-decoding: a 99k-token row
+    is read by K x kv-heads thread blocks, not by kv-heads)."""
 
     write: torch.Tensor
-    starts: torch.Tensor
-    used: torch.Tensor
-    max_k: int
-    host: tuple | None = None
+    host: list
+    chunks: tuple | None = None  # (starts (R*K + 1,) int32, used (R*K,) int32, valid (R, K) bool, K, max_k)
 
     @classmethod
-    def rows(cls, starts: list[int], lengths: list[int], T: int, max_k: int, device) -> "Where":
-        write = torch.tensor([[s + n + t for t in range(T)] for s, n in zip(starts, lengths)], device=device)
-        used = [n + T for n in lengths]
-        return cls(write, torch.tensor(starts + [0], dtype=torch.int32, device=device),
-                   torch.tensor(used, dtype=torch.int32, device=device), max_k, (starts, used))
+    def rows(cls, segments: list, T: int, device, K: int | None = None, chunk: int = 0) -> "Where":
+        """segments: per row ((prefix start, length), (own start, length before the new tokens))."""
+        write = torch.tensor([[own + n + t for t in range(T)] for _, (own, n) in segments], device=device)
+        host = [[pre, (own, n + T)] for pre, (own, n) in segments]
+        if K is None:
+            return cls(write, host)
+        starts, used, valid, max_k = chunked(host, K, chunk, scratch=0)
+        as_int = {"dtype": torch.int32, "device": device}
+        return cls(write, host, (torch.tensor(starts, **as_int), torch.tensor(used, **as_int),
+                                 torch.tensor(valid, device=device), K, max_k))
+
+
+def chunked(host: list, K: int, chunk: int, scratch: int) -> tuple[list, list, list, int]:
+    """Cut each row's segments into K pieces of at most `chunk` positions (0: one piece per
+    segment); unused pieces read the scratch position and are marked invalid."""
+    starts, used, valid = [], [], []
+    for segments in host:
+        pieces = []
+        for start, n in segments:
+            step = chunk or max(n, 1)
+            pieces += [(start + i, min(step, n - i)) for i in range(0, n, step)]
+        if len(pieces) > K:
+            raise ValueError(f"{len(pieces)} pieces for {K} chunk slots")
+        valid.append([True] * len(pieces) + [False] * (K - len(pieces)))
+        pieces += [(scratch, 1)] * (K - len(pieces))
+        starts += [p[0] for p in pieces]
+        used += [p[1] for p in pieces]
+    return starts + [0], used, valid, max(used)
 
 
 def _cache_tensors(cache):
@@ -144,15 +181,16 @@ def prefill(model, inputs: dict, upto: int, kwarg: str) -> tuple[torch.Tensor, o
 
 
 def forward_text(model, arena: Arena, tokens: torch.Tensor, positions: torch.Tensor, where: Where) -> torch.Tensor:
-    """Run text tokens (R, T) at rope `positions` (R, T), writing their K/V at `where.write` and
-    attending causally to each row's region; returns the last position's logits (R, vocab).
-    On the flash path there are no host syncs and the shapes are fixed: a decode step can be
-    captured as a CUDA graph."""
+    """Run text tokens (R, T) at rope `positions` (R, T), writing their K/V at `where.write`,
+    each row attending to its group's prefix and causally to its own region; returns the last
+    position's logits (R, vocab). On the flash path with one token per row there are no host
+    syncs and the shapes are fixed: a decode step can be captured as a CUDA graph."""
     lm = text_model(model)
     rope = sys.modules[type(lm.layers[0].self_attn).__module__].apply_rotary_pos_emb
     R, T = tokens.shape
     h = lm.embed_tokens(tokens)
     cos, sin = lm.rotary_emb(h, positions[None].expand(3, R, T))
+    attend = _attend_reference if not arena.flash else _attend_decode if T == 1 else _attend_suffix
     for i, layer in enumerate(lm.layers):
         a = layer.self_attn
         x = layer.input_layernorm(h)
@@ -162,43 +200,71 @@ def forward_text(model, arena: Arena, tokens: torch.Tensor, positions: torch.Ten
         q, k = rope(q, k, cos, sin)
         arena.k[i][where.write] = k.transpose(1, 2)
         arena.v[i][where.write] = v.transpose(1, 2)
-        attend = _attend_flash if arena.flash else _attend_reference
         h = h + a.o_proj(attend(q, arena.k[i], arena.v[i], where, a.scaling))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return model.lm_head(lm.norm(h[:, -1]))
 
 
-def _attend_flash(q, k, v, where: Where, scale) -> torch.Tensor:
-    """flash-attention varlen over the arena: row r reads k/v[starts[r] : starts[r] + used[r]].
-    One new token per row (decode): the G query heads of each KV head become G query "tokens"
-    of an MHA call, so each K/V block is read once for all of them (not once per query head)."""
-    R, Hq, T, D = q.shape
+def _flash(q, k, v, cu_q, starts, used, max_q: int, max_k: int, causal: bool, scale):
+    """flash-attention varlen over the arena: sequence s reads k/v[starts[s] : starts[s] + used[s]].
+    Returns (out (total_q, H, D), log-sum-exp (total_q, H) float32)."""
+    out, lse = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, starts, max_q, max_k, 0.0, causal, False,
+                                                       scale=scale, seqused_k=used)[:2]
+    return out, lse.reshape(q.shape[1], q.shape[0]).transpose(0, 1)  # varlen lse: (H, total_q)
+
+
+def _merge(outs: torch.Tensor, lses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax-merge partial attentions over dim 1: outs (R, K, ..., D), lses (R, K, ...), valid (R, K)."""
+    mask = valid.reshape(valid.shape + (1,) * (lses.dim() - 2))
+    lses = lses.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(lses, dim=1)
+    return (outs.float() * weights[..., None]).sum(1).to(outs.dtype)
+
+
+def _attend_decode(q, k, v, where: Where, scale) -> torch.Tensor:
+    """One new token per row, every row's K chunks in one flash call. The G query heads of each
+    KV head become G query "tokens" of an MHA call, so each K/V block is read once for all of them."""
+    R, Hq, _, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    if T == 1:
-        packed = q[:, :, 0].reshape(R, Hkv, G, D).transpose(1, 2).reshape(R * G, Hkv, D)
-        cu_q = torch.arange(0, R * G + 1, G, dtype=torch.int32, device=q.device)
-        out = torch.ops.aten._flash_attention_forward(packed, k, v, cu_q, where.starts, G, where.max_k, 0.0, False, False,
-                                                      scale=scale, seqused_k=where.used)[0]
-        return out.reshape(R, G, Hkv, D).transpose(1, 2).reshape(R, 1, Hq * D)
+    starts, used, valid, K, max_k = where.chunks
+    packed = q[:, :, 0].reshape(R, Hkv, G, D).transpose(1, 2)  # (R, G, Hkv, D)
+    packed = packed[:, None].expand(R, K, G, Hkv, D).reshape(R * K * G, Hkv, D)
+    cu_q = torch.arange(0, R * K * G + 1, G, dtype=torch.int32, device=q.device)
+    out, lse = _flash(packed, k, v, cu_q, starts, used, G, max_k, False, scale)
+    merged = _merge(out.reshape(R, K, G, Hkv, D), lse.reshape(R, K, G, Hkv), valid)  # (R, G, Hkv, D)
+    return merged.transpose(1, 2).reshape(R, 1, Hq * D)
+
+
+def _attend_suffix(q, k, v, where: Where, scale) -> torch.Tensor:
+    """A question's suffix (T tokens per row): the whole prefix (one flash call) and the own
+    region (causal, bottom-right aligned), merged."""
+    R, Hq, T, D = q.shape
     packed = q.transpose(1, 2).reshape(R * T, Hq, D)
     cu_q = torch.arange(0, R * T + 1, T, dtype=torch.int32, device=q.device)
-    out = torch.ops.aten._flash_attention_forward(packed, k, v, cu_q, where.starts, T, where.max_k, 0.0, True, False,
-                                                  scale=scale, seqused_k=where.used)[0]  # causal: bottom-right aligned
-    return out.reshape(R, T, Hq * D)
+    parts = []
+    for seg, causal in ((0, False), (1, True)):
+        starts = torch.tensor([row[seg][0] for row in where.host] + [0], dtype=torch.int32, device=q.device)
+        used = [row[seg][1] for row in where.host]
+        parts.append(_flash(packed, k, v, cu_q, starts, torch.tensor(used, dtype=torch.int32, device=q.device), T,
+                            max(used), causal, scale))
+    outs = torch.stack([o.reshape(R, T, Hq, D) for o, _ in parts], 1)
+    lses = torch.stack([lse.reshape(R, T, Hq) for _, lse in parts], 1)
+    return _merge(outs, lses, torch.ones(R, 2, dtype=torch.bool, device=q.device)).reshape(R, T, Hq * D)
 
 
 def _attend_reference(q, k, v, where: Where, scale) -> torch.Tensor:
-    """The same attention row by row with sdpa (CPU, fp32; tests compare it with model.generate)."""
+    """The same attention row by row with sdpa (CPU and fp32; tests compare it with model.generate)."""
     R, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     outs = []
-    for r, (start, used) in enumerate(zip(*where.host)):
-        keys = k[start : start + used].transpose(0, 1)[None]  # (1, Hkv, used, D)
-        values = v[start : start + used].transpose(0, 1)[None]
-        visible = torch.arange(used, device=q.device)[None, :] <= torch.arange(used - T, used, device=q.device)[:, None]
-        mask = visible[None, None, None].expand(1, 1, G, T, used).reshape(1, 1, G * T, used)
+    for r, ((p_start, p_n), (o_start, o_n)) in enumerate(where.host):
+        keys = torch.cat([k[p_start : p_start + p_n], k[o_start : o_start + o_n]]).transpose(0, 1)[None]
+        values = torch.cat([v[p_start : p_start + p_n], v[o_start : o_start + o_n]]).transpose(0, 1)[None]
+        n = p_n + o_n
+        visible = torch.arange(n, device=q.device)[None, :] <= torch.arange(n - T, n, device=q.device)[:, None]
+        mask = visible[None, None, None].expand(1, 1, G, T, n).reshape(1, 1, G * T, n)
         out = F.scaled_dot_product_attention(q[r : r + 1].reshape(1, Hkv, G * T, D), keys, values, attn_mask=mask, scale=scale)
         outs.append(out.reshape(1, Hq, T, D))
     return torch.cat(outs).transpose(1, 2).reshape(R, T, Hq * D)
@@ -208,56 +274,63 @@ def _attend_reference(q, k, v, where: Where, scale) -> torch.Tensor:
 
 
 class Decoder:
-    """One greedy decode step over `rows` batch positions: next tokens (EOS forbidden on forced
-    rows). With graphs=True (flash path) the step is captured once as a CUDA graph and replayed;
-    its inputs travel through one static (5, rows) buffer: tokens, rope positions, write index,
-    region start, positions used. Idle positions write to the arena's scratch position."""
+    """One greedy decode step over `rows` decode positions: next tokens (EOS forbidden on forced
+    rows). On the flash path (graphs=True) the step is captured once as a CUDA graph and
+    replayed; its inputs are copied into static buffers first. Idle positions read and write
+    the arena's scratch position."""
+
+    K = 16  # chunks per row: up to 8 for the prefix, 8 for the own region
 
     def __init__(self, model, arena: Arena, rows: int, max_k: int, eos_ids: list[int], graphs: bool):
         self.model, self.arena, self.rows, self.max_k = model, arena, rows, max_k
         device = arena.k[0].device
-        self.inputs = torch.zeros((5, rows), dtype=torch.long, device=device)
-        self.starts = torch.zeros(rows + 1, dtype=torch.int32, device=device)
-        self.used = torch.zeros(rows, dtype=torch.int32, device=device)
-        self.eos = torch.tensor(eos_ids, device=device)
+        self.inputs = torch.zeros((3, rows), dtype=torch.long, device=device)  # tokens, rope positions, write index
+        self.starts = torch.zeros(rows * self.K + 1, dtype=torch.int32, device=device)
+        self.used = torch.zeros(rows * self.K, dtype=torch.int32, device=device)
+        self.valid = torch.zeros((rows, self.K), dtype=torch.bool, device=device)
         self.forbid = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.eos = torch.tensor(eos_ids, device=device)
         self.graph = None
         self.graphs = graphs and arena.flash
 
-    def _step(self, host=None) -> torch.Tensor:
-        tokens, positions, write, starts, used = self.inputs
-        self.starts[:-1].copy_(starts)
-        self.used.copy_(used)
-        where = Where(write[:, None], self.starts, self.used, self.max_k, host)
+    def _step(self, host: list) -> torch.Tensor:
+        tokens, positions, write = self.inputs
+        where = Where(write[:, None], host, (self.starts, self.used, self.valid, self.K, self.max_k))
         logits = forward_text(self.model, self.arena, tokens[:, None], positions[:, None], where)
         blocked = torch.where(self.forbid[:, None], float("-inf"), logits[:, self.eos])
         logits[:, self.eos] = blocked.to(logits.dtype)
         return logits.argmax(-1)
 
-    def _capture(self) -> None:
+    def _capture(self, host: list) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph (cuBLAS workspaces, allocator)
-            self._step()
+            self._step(host)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = self._step()
+            self.out = self._step(host)
 
     def step(self, live: dict) -> list[int]:
-        """live: batch position -> (last token, rope position, region start, length, forced).
-        Appends each live row's token at start + length; returns every position's next token."""
+        """live: decode position -> (last token, rope position, ((prefix start, length), (own start,
+        length before the token)), forced). Appends each live row's token to its own region;
+        returns every position's next token."""
         scratch = self.arena.scratch
-        cols = [live.get(i, (0, 0, scratch, 0, False)) for i in range(self.rows)]
-        tokens, positions, starts, lengths, forced = (list(c) for c in zip(*cols))
-        write = [s + n for s, n in zip(starts, lengths)]
-        used = [n + 1 for n in lengths]
-        self.inputs.copy_(torch.tensor([tokens, positions, write, starts, used]), non_blocking=True)
-        self.forbid.copy_(torch.tensor(forced), non_blocking=True)
+        idle = (0, 0, ((scratch, 1), (scratch, 0)), False)
+        cols = [live.get(i, idle) for i in range(self.rows)]
+        host = [[pre, (own, n + 1)] for _, _, (pre, (own, n)), _ in cols]
+        longest = max(n for row in host for _, n in row)
+        starts, used, valid, _ = chunked(host, self.K, max(2048, -(-longest // (self.K // 2))), scratch)
+        write = [own + n for _, _, (_, (own, n)), _ in cols]
+        self.inputs.copy_(torch.tensor([[c[0] for c in cols], [c[1] for c in cols], write]), non_blocking=True)
+        self.starts.copy_(torch.tensor(starts, dtype=torch.int32), non_blocking=True)
+        self.used.copy_(torch.tensor(used, dtype=torch.int32), non_blocking=True)
+        self.valid.copy_(torch.tensor(valid), non_blocking=True)
+        self.forbid.copy_(torch.tensor([c[3] for c in cols]), non_blocking=True)
         if not self.graphs:
-            return self._step((starts, used)).tolist()
+            return self._step(host).tolist()
         if self.graph is None:
-            self._capture()
+            self._capture(host)
         self.graph.replay()
         return self.out.tolist()
 
@@ -351,25 +424,25 @@ def _to_device(inputs: dict, model, device) -> dict:
     return {k: (v.to(model.dtype) if v.is_floating_point() else v).to(device, non_blocking=True) for k, v in inputs.items()}
 
 
-def prefill_group(model, g: Group, device, kwarg: str, arena: Arena | None = None, starts: list[int] | None = None):
-    """Prefill the group's prefix once (transformers), copy it to each row's region of `arena`
-    (`starts`), run each row's own suffix there. Returns (first-token logits of each row, the
-    rope delta of the group)."""
+def prefill_group(model, g: Group, device, kwarg: str, arena: Arena | None = None, regions: tuple | None = None):
+    """Prefill the group's prefix once (transformers) into its region of `arena`, then each
+    row's own suffix into the row's region. regions: (prefix start, [own start per row]).
+    Returns (first-token logits of each row, the rope delta of the group)."""
     if arena is None:
-        arena = Arena(model, len(g.rows) * g.longest)
-        starts = [arena.take(g.longest) for _ in g.rows]
+        arena = Arena(model, g.split + sum(r.length - g.split + r.limit for r in g.rows))
+        regions = (arena.take(g.split), [arena.take(r.length - g.split + r.limit) for r in g.rows])
+    prefix, owns = regions
     inputs = _to_device(g.rows[0].prepared.inputs, model, device)
     logits, cache, delta = prefill(model, inputs, g.split, kwarg)
-    for start in starts:
-        arena.load(start, cache, g.split)
+    arena.load(prefix, cache, g.split)
     del cache
     out = []
-    for start, r in zip(starts, g.rows):
+    for own, r in zip(owns, g.rows):
         ids = r.prepared.inputs["input_ids"][0]
         if ids.numel() > g.split:  # the question's own tokens, on this row only
             suffix = ids[g.split :].to(device)[None]
             positions = torch.arange(g.split, ids.numel(), device=device)[None] + delta
-            where = Where.rows([start], [g.split], suffix.shape[1], r.length + r.limit, device)
+            where = Where.rows([((prefix, g.split), (own, 0))], suffix.shape[1], device)
             out.append(forward_text(model, arena, suffix, positions, where))
         else:
             out.append(logits)
@@ -391,57 +464,70 @@ def _pick(logits: torch.Tensor, rows: list[Row], eos_ids: list[int]) -> list[int
 def run(model, groups: list[Group], positions: int, rows: int, stopper: Stopper, eos_ids: list[int], device,
         kwarg: str, sync, graphs: bool) -> dict:
     """Run `groups` (in admission order) through an arena of `positions` cache positions and
-    `rows` decode positions: a group is admitted (prefilled) as soon as its rows find free decode
-    positions and regions, every live row decodes together, a stopped row frees both at once.
+    `rows` decode positions. A group is admitted (prefilled) as soon as its rows find free decode
+    positions and the arena a region for its prefix and one per row for the row's suffix and
+    outputs; every live row decodes together; a stopped row frees its decode position and its
+    region at once, the prefix region goes with the group's last row.
     Each row's `timing` gets its group's prefill time and its admission-to-stop time.
     Returns the figures: {"prefill_s", "decode_s", "steps", "rows", "positions", "most_live", "seconds"}."""
-    need = max(sum(r.length + r.limit for r in g.rows) for g in groups)
+    need = max(group_positions(g) for g in groups)
     if need > positions:
         raise torch.cuda.OutOfMemoryError(f"a group needs {need} cache positions, {positions} fit in memory")
     sync()
     start = time.perf_counter()
     arena = Arena(model, positions)
-    decoder = Decoder(model, arena, rows, max(g.need for g in groups), eos_ids, graphs)
-    pending, free, live = deque(groups), list(range(rows))[::-1], {}  # live: batch position -> (row, region, delta)
+    decoder = Decoder(model, arena, rows, max(max(g.split, max(r.length - g.split + r.limit for r in g.rows)) for g in groups),
+                      eos_ids, graphs)
+    pending, free, live = deque(groups), list(range(rows))[::-1], {}  # live: decode position -> (row, region, group)
+    holders: dict[int, list] = {}  # id(group) -> [prefix start, rows still live]
     prefill_s = steps = most = 0
+
+    def release(r: Row, own: int, g: Group) -> None:
+        arena.give(own, r.length - g.split + r.limit)
+        holder = holders[id(g)]
+        holder[1] -= 1
+        if not holder[1]:
+            arena.give(holder[0], g.split)
+            del holders[id(g)]
+
     while pending or live:
         while pending and len(pending[0].rows) <= len(free):
             g = pending[0]
-            regions = [arena.take(r.length + r.limit) for r in g.rows]
-            if None in regions:  # memory is full until live rows stop
-                for region, r in zip(regions, g.rows):
-                    if region is not None:
-                        arena.give(region, r.length + r.limit)
+            taken = arena.take_all([g.split] + [r.length - g.split + r.limit for r in g.rows])
+            if taken is None:  # memory is full until live rows stop
                 break
             pending.popleft()
+            prefix, owns = taken[0], taken[1:]
+            holders[id(g)] = [prefix, len(g.rows)]
             t0 = time.perf_counter()
-            logits, delta = prefill_group(model, g, device, kwarg, arena, regions)
+            logits, delta = prefill_group(model, g, device, kwarg, arena, (prefix, owns))
             firsts = _pick(torch.cat(logits), g.rows, eos_ids)
             t1 = time.perf_counter()  # the token list above waited for the prefill
             prefill_s += t1 - t0
-            for region, r, token in zip(regions, g.rows, firsts):
+            for own, r, token in zip(owns, g.rows, firsts):
                 r.timing.update(prefill_s=t1 - t0, admitted=t0)
                 stopper.push(r, token)
                 if r.done:
-                    arena.give(region, r.length + r.limit)
+                    release(r, own, g)
                     r.timing["seconds"] = time.perf_counter() - t0
                 else:
-                    live[free.pop()] = (r, region, delta)
+                    live[free.pop()] = (r, own, g, delta)
         if not live:
-            if pending:  # nothing live and still no room: cannot happen, every group fits alone
+            if pending:  # nothing live, nothing admitted: the next group is larger than the arena
                 raise torch.cuda.OutOfMemoryError("no room for the next request in an empty cache")
             continue
-        step = {i: (r.ids[-1], r.length + len(r.ids) - 1 + delta, region, r.length + len(r.ids) - 1, r.forced)
-                for i, (r, region, delta) in live.items()}
+        step = {i: (r.ids[-1], r.length + len(r.ids) - 1 + delta,
+                    ((holders[id(g)][0], g.split), (own, r.length - g.split + len(r.ids) - 1)), r.forced)
+                for i, (r, own, g, delta) in live.items()}
         next_tokens = decoder.step(step)
         steps, most = steps + 1, max(most, len(live))
         now = time.perf_counter()
-        for i, (r, region, _) in list(live.items()):
+        for i, (r, own, g, _) in list(live.items()):
             stopper.push(r, next_tokens[i])
             if r.done:
                 del live[i]
                 free.append(i)
-                arena.give(region, r.length + r.limit)
+                release(r, own, g)
                 r.timing["seconds"] = now - r.timing["admitted"]
     sync()
     wall = time.perf_counter() - start
@@ -450,3 +536,8 @@ def run(model, groups: list[Group], positions: int, rows: int, stopper: Stopper,
              n, len(groups), positions, most, rows, prefill_s, steps, wall, ", CUDA graph" if decoder.graphs else "")
     return {"prefill_s": prefill_s, "decode_s": wall - prefill_s, "steps": steps, "rows": n, "positions": positions,
             "most_live": most, "seconds": wall}
+
+
+def group_positions(g: Group) -> int:
+    """Arena positions a group takes: its shared prefix once, each row's suffix and outputs."""
+    return g.split + sum(r.length - g.split + r.limit for r in g.rows)

@@ -33,16 +33,16 @@ def admission_order(groups: Sequence) -> list:
 
 
 def split_large(groups: Sequence, rows: int, positions: int) -> list:
-    """Cut a group into parts of at most `rows` rows whose regions fit in `positions` together
-    (each part prefills the shared prefix once). A single row larger than `positions` stays:
-    fastgen.run reports it as out of memory."""
+    """Cut a group into parts of at most `rows` rows that fit in `positions` together: the
+    shared prefix (`split`) once plus each row's suffix and outputs (each part prefills the
+    prefix). A single row larger than `positions` stays: fastgen.run reports it as out of memory."""
     from dataclasses import replace
 
     out = []
     for g in groups:
         part: list = []
         for r in g.rows:
-            if part and (len(part) == rows or sum(x.length + x.limit for x in part + [r]) > positions):
+            if part and (len(part) == rows or g.split + sum(x.length - g.split + x.limit for x in part + [r]) > positions):
                 out.append(replace(g, rows=part))
                 part = []
             part.append(r)

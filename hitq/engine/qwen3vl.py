@@ -502,7 +502,7 @@ class TransformersEngine:
         budget = planner.device_budget(self.model, self.device, self.max_batch_rows, self.kv_budget_tokens)
         stopper = fastgen.Stopper(self.tokenizer, self.eos_ids, answer_complete)
         kwarg = fastgen.cache_kwarg(self.model)
-        positions = min(budget.positions(max(g.longest for g in groups)), sum(r.length + r.limit for r in rows))
+        positions = min(budget.positions(max(g.longest for g in groups)), sum(fastgen.group_positions(g) for g in groups))
         order = planner.admission_order(planner.split_large(groups, budget.max_rows, positions))
         outputs: dict[int, Output] = {}
         oom = None

@@ -68,7 +68,7 @@ def test_forced_lengths_equal_generate_with_min_new_tokens(engines):
             assert (out.output_tokens, out.text) == (n, slow.tokenizer.decode(ids, skip_special_tokens=True))
 
 
-@pytest.mark.parametrize("budget, rows", [(3000, 64), (None, 2)])
+@pytest.mark.parametrize("budget, rows", [(1500, 64), (None, 2)])
 def test_few_slots_refilled_as_rows_stop_give_the_same_tokens(engines, budget, rows):
     fast, slow, picture = engines
     batch = _requests(fast, picture)
@@ -91,6 +91,7 @@ def test_admission_order_and_budget():
     class G:
         rows: list
         need: int
+        split: int = 0
 
     def group(n, need, cap):
         return G([R(cap, need) for _ in range(n)], need)
