@@ -190,7 +190,7 @@ def forward_text(model, arena: Arena, tokens: torch.Tensor, positions: torch.Ten
     R, T = tokens.shape
     h = lm.embed_tokens(tokens)
     cos, sin = lm.rotary_emb(h, positions[None].expand(3, R, T))
-    attend = _attend_reference if not arena.flash else _attend_decode if T == 1 else _attend_suffix
+    attend = _attend_reference if not arena.flash else _attend_suffix if where.chunks is None else _attend_decode
     for i, layer in enumerate(lm.layers):
         a = layer.self_attn
         x = layer.input_layernorm(h)

@@ -3,8 +3,8 @@
 The arena (hitq.engine.fastgen.Arena) holds every live request's region of exactly its need
 (prompt + output limit); it gets the device's free memory less the prefill workspace of the
 longest prompt (activations and the prefix's own DynamicCache, per prompt token), so the OOM
-ladder is the exception, not the schedule. Groups are admitted longest output cap first (chart
-answers start early and the short answers fill the decode rows around them), then longest need
+ladder is the exception, not the schedule. Groups are admitted longest output limit first (chart
+answers start early and the short answers fill the decode rows around them), then largest need
 first (large regions before the arena fragments).
 """
 from __future__ import annotations
@@ -28,8 +28,9 @@ class Budget:
 
 
 def admission_order(groups: Sequence) -> list:
-    """Longest output cap first, then largest need (fastgen.Group: rows, need)."""
-    return sorted(groups, key=lambda g: (-max(r.prepared.max_new_tokens for r in g.rows), -g.need))
+    """Longest output limit first, then largest need (fastgen.Group: rows, need): the rows that
+    decode longest start first, and the last ones admitted leave a short tail."""
+    return sorted(groups, key=lambda g: (-max(r.limit for r in g.rows), -g.need))
 
 
 def split_large(groups: Sequence, rows: int, positions: int) -> list:
