@@ -279,7 +279,7 @@ class Decoder:
     replayed; its inputs are copied into static buffers first. Idle positions read and write
     the arena's scratch position."""
 
-    K = 16  # chunks per row: up to 8 for the prefix, 8 for the own region
+    K = 8  # chunks per row: up to 4 for the prefix, 4 for the own region
 
     def __init__(self, model, arena: Arena, rows: int, max_k: int, eos_ids: list[int], graphs: bool):
         self.model, self.arena, self.rows, self.max_k = model, arena, rows, max_k

@@ -14,6 +14,15 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def release() -> None:
+    """Give cached device memory back (between the bench's phases)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def reset_peak() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
