@@ -60,4 +60,7 @@ def bench(model_dir, data_dir, n, seed, modality, fmt, out_len, reference, basel
                    f"{r['useful_tflops']:.0f} TFLOP/s  floor {r['floor_fraction_shared_prefix']:.2f} (shared) "
                    f"{r['floor_fraction_all_prefilled']:.2f} (all)  peak {r['peak_memory_gib']:.1f} GiB  "
                    f"full pass {r['projected_full_pass_min']:.1f} min")
-    click.echo(f"  ratio b/a {result['ratio_b_over_a']:.2f}   logit check {result['logit_check']}")
+    modelled = result["baseline"]["modelled_on_all_queries"]
+    click.echo(f"  ratio b/a {result['ratio_b_over_a']:.2f} (a timed on {result['baseline_queries']} queries); "
+               f"{result['ratio_b_over_a_modelled']:.2f} with a modelled on all {modelled['queries']} "
+               f"({modelled['queries_per_s']:.3f} q/s)   logit check {result['logit_check']}")
