@@ -51,7 +51,7 @@ def split_large(groups: Sequence, rows: int, positions: int) -> list:
     return out
 
 
-def device_budget(model, device, max_rows: int, kv_budget_tokens: int | None = None, margin: float = 0.9) -> Budget:
+def device_budget(model, device, max_rows: int, kv_budget_tokens: int | None = None, margin: float = 0.85) -> Budget:
     """The budget from the device's free memory (CUDA) or from `kv_budget_tokens` (CPU, tests)."""
     import torch
 

@@ -205,7 +205,7 @@ class TransformersEngine:
         random_weights: bool = False,
         inject_oom: str | Callable[[list[Prepared]], bool] | None = None,
         image_cap_pixels: int = HARD_CAP_PIXELS,
-        fast: Any = False,
+        fast: Any = None,
         force_lengths: dict | None = None,
         max_batch_rows: int = 64,
         kv_budget_tokens: int | None = None,
@@ -228,9 +228,10 @@ class TransformersEngine:
         spec = inject_oom if inject_oom is not None else os.environ.get(INJECT_OOM_ENV) or None
         self.oom_injector = OOMInjector(spec) if spec else None
         self.weights = "random" if _flag(random_weights) else "loaded" if _flag(load_weights) else "none"
-        # Opt-in (--engine-opt fast=true) until it is proven on the GPU: greedy requests go through
-        # hitq.engine.fastgen (shared prefixes, batched decode); see bench/README.md.
-        self.fast = _flag(fast)
+        # Greedy requests go through hitq.engine.fastgen (shared prefixes, continuous batching,
+        # flash-attention decode in a CUDA graph) on CUDA unless fast=false; elsewhere (CPU tests)
+        # through model.generate unless fast=true. See bench/README.md for what it was measured at.
+        self.fast = _flag(fast) if fast is not None else self.device.type == "cuda"
         # Benchmarks only: request key -> exact number of new tokens (EOS and answer stops ignored).
         self.force_lengths = {str(k): int(v) for k, v in (force_lengths or {}).items()}
         self.max_batch_rows = int(max_batch_rows)

@@ -64,11 +64,16 @@ def test_real_oom_becomes_engine_oom_and_memory_is_freed(tiny_engine, monkeypatc
         return torch.empty(2**50, dtype=torch.uint8, device="cuda") + held[0]
 
     monkeypatch.setattr(tiny_engine.model, "generate", greedy_generate)
+    monkeypatch.setattr(tiny_engine, "fast", False)  # the OOM is raised inside model.generate
     with pytest.raises(EngineOOM, match="out of memory on cuda"):
         tiny_engine.generate([p], GREEDY)
     assert torch.cuda.memory_allocated() <= before + 2**20
     monkeypatch.setattr(tiny_engine.model, "generate", real_generate)
     assert tiny_engine.generate([p], GREEDY)[0].output_tokens > 0
+    monkeypatch.setattr(tiny_engine.model.model.language_model.embed_tokens, "forward", lambda ids: torch.empty(2**50, device="cuda"))
+    monkeypatch.setattr(tiny_engine, "fast", True)  # the fast path's OOM becomes EngineOOM too
+    with pytest.raises(EngineOOM, match="out of memory on cuda"):
+        tiny_engine.generate([p], GREEDY)
 
 
 @pytest.mark.slow
