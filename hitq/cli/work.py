@@ -8,6 +8,8 @@ import click
 
 from hitq.cli.options import db_option, parse_devices, run_option
 
+GPU_BATCH = 64  # a claim on a GPU: enough rows to share prefixes and keep the decode batch full
+
 
 @click.command()
 @click.option("--gpu", "gpu", default="0", show_default=True, help="Devices: 0..3, 0,2 or cpu.")
@@ -15,7 +17,9 @@ from hitq.cli.options import db_option, parse_devices, run_option
 @click.option("--drain", is_flag=True, help="Exit 0 once no pending or running job is left.")
 @click.option("--lease-seconds", default=120.0, show_default=True, help="Lease of a claimed job; heartbeats extend it.")
 @click.option("--max-jobs", type=int, help="Each worker exits after this many jobs.")
-@click.option("--batch-size", default=1, show_default=True, help="Jobs claimed and generated together.")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Jobs claimed and generated together [default: 64 on GPUs, where shared prefixes and batched "
+                   "decoding need company; 1 on cpu].")
 @click.option("--procs", default=1, show_default=True, help="Worker processes per device.")
 @click.option("--job-timeout", type=float, help="Recycle a worker whose job runs longer (seconds); the job ends as timeout.")
 @click.option("--poll-seconds", default=1.0, show_default=True, help="Wait between claims when the queue is empty.")
@@ -34,6 +38,7 @@ def work(gpu, run_name, drain, lease_seconds, max_jobs, batch_size, procs, job_t
     from hitq.workers.worker import WorkerSpec
 
     devices = parse_devices(gpu)
+    batch_size = batch_size or (1 if devices == ["cpu"] else GPU_BATCH)
     # Migrates a new database once, before any child starts. A lock or a restart is waited out for
     # 30 s (a wrong URL still fails in one line); once running, the supervisor waits like workers.
     queue = RetryPolicy(give_up_s=30.0, first_wait_s=0.1, max_wait_s=2.0).call(lambda: open_queue(db), what="connect")

@@ -57,17 +57,17 @@ def kv_bytes_per_token(model) -> int:
 
 class Arena:
     """The KV cache of every live request: per layer one flat (positions, kv_heads, head_dim)
-    buffer for keys and one for values. A request owns a contiguous region of exactly its need
-    (prompt + output limit), taken first-fit and given back when it stops, so long and short
-    requests share the memory without padding. The last position is scratch: idle decode rows
-    write there. On CUDA in bf16/fp16 attention is flash-attention's varlen kernel (each row
-    reads only its own tokens, wherever its region lies); elsewhere a per-row reference path."""
+    buffer for keys and one for values. A prefix group owns one region for its shared prefix and
+    each of its requests one for its own suffix + output limit, taken first-fit and given back
+    when done, so long and short requests share the memory without padding. The last position
+    is scratch: idle decode rows write there. On CUDA in bf16/fp16 attention is flash-attention's
+    varlen kernel (each row reads only its own positions, wherever they lie); elsewhere a per-row
+    reference path."""
 
     def __init__(self, model, positions: int):
         c = model.config.text_config
-        self.heads, self.head_dim = c.num_key_value_heads, _head_dim(c)
         device = next(model.parameters()).device
-        shape = (positions + 1, self.heads, self.head_dim)
+        shape = (positions + 1, c.num_key_value_heads, _head_dim(c))
         # Zeros, not empty: NaNs left in uninitialised memory must not reach a masked product.
         self.k = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(c.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(c.num_hidden_layers)]
@@ -129,27 +129,20 @@ class Where:
     chunks: tuple | None = None  # (starts (R*K + 1,) int32, used (R*K,) int32, valid (R, K) bool, K, max_k)
 
     @classmethod
-    def rows(cls, segments: list, T: int, device, K: int | None = None, chunk: int = 0) -> "Where":
+    def rows(cls, segments: list, T: int, device) -> "Where":
         """segments: per row ((prefix start, length), (own start, length before the new tokens))."""
         write = torch.tensor([[own + n + t for t in range(T)] for _, (own, n) in segments], device=device)
-        host = [[pre, (own, n + T)] for pre, (own, n) in segments]
-        if K is None:
-            return cls(write, host)
-        starts, used, valid, max_k = chunked(host, K, chunk, scratch=0)
-        as_int = {"dtype": torch.int32, "device": device}
-        return cls(write, host, (torch.tensor(starts, **as_int), torch.tensor(used, **as_int),
-                                 torch.tensor(valid, device=device), K, max_k))
+        return cls(write, [[pre, (own, n + T)] for pre, (own, n) in segments])
 
 
 def chunked(host: list, K: int, chunk: int, scratch: int) -> tuple[list, list, list, int]:
-    """Cut each row's segments into K pieces of at most `chunk` positions (0: one piece per
-    segment); unused pieces read the scratch position and are marked invalid."""
+    """Cut each row's segments into K pieces of at most `chunk` positions; unused pieces read
+    the scratch position and are marked invalid."""
     starts, used, valid = [], [], []
     for segments in host:
         pieces = []
         for start, n in segments:
-            step = chunk or max(n, 1)
-            pieces += [(start + i, min(step, n - i)) for i in range(0, n, step)]
+            pieces += [(start + i, min(chunk, n - i)) for i in range(0, n, chunk)]
         if len(pieces) > K:
             raise ValueError(f"{len(pieces)} pieces for {K} chunk slots")
         valid.append([True] * len(pieces) + [False] * (K - len(pieces)))
