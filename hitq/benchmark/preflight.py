@@ -24,7 +24,8 @@ def prepare_query(query: Query, config: RunConfig, prompt_set: prompts.PromptSet
     image = str(tables.check_image(config.data_dir, query.file_name)) if modality != "text" else None
     table = tables.read_table(config.data_dir, fmt, query.file_name) if prompts.uses_table(
         modality, config.protocol) else None
-    render = prompts.prompt_builder(query, modality, fmt, prompt_set, config.protocol, image, config.mix_says_latex)
+    render = prompts.prompt_builder(query, modality, fmt, prompt_set, config.protocol, image, config.mix_says_latex,
+                                    config.table_first)
     limits = ImageLimits(config.min_pixels, config.max_pixels)
     measured: dict[int, TokenCount] = {}
 

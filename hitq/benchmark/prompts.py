@@ -165,10 +165,15 @@ def uses_table(modality: str, protocol: str) -> bool:
 
 def prompt_builder(
     query: Query, modality: str, fmt: str, prompt_set: PromptSet, protocol: str = "corrected",
-    image: str | None = None, mix_says_latex: bool = False,
+    image: str | None = None, mix_says_latex: bool = False, table_first: bool = False,
 ) -> Callable[[str | None], list[dict]]:
     """A function table_text -> messages; everything but the table is computed once, so fitting
-    can rebuild the messages for many candidate tables cheaply."""
+    can rebuild the messages for many candidate tables cheaply.
+
+    table_first (opt-in, `corrected` protocol only) moves the table (the user prompt up to and
+    including {table}) before the task text: every question on a table then shares its prompt
+    up to the end of the table, whatever its template, so the table is prefilled once per table
+    instead of once per (table, template). It changes the prompt, so runs record it."""
     if modality not in MODALITIES:
         raise UsageError(f"unknown modality {modality!r}; choose one of: {', '.join(MODALITIES)}")
     if fmt not in FORMATS:
@@ -177,6 +182,8 @@ def prompt_builder(
         raise UsageError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
     if modality != "text" and image is None:
         raise ValueError(f"{modality} prompts need an image path")
+    if table_first and protocol != "corrected":
+        raise UsageError(f"the table-first layout is hitq's own (protocol corrected), not {protocol!r}")
     task = task_text(prompt_set, query, modality, fmt, protocol, mix_says_latex)
     answer_format = prompt_set.answer_format(query)
     # Split the user prompt around {table} once (question and format are fixed per query).
@@ -195,7 +202,11 @@ def prompt_builder(
                 {"role": "assistant", "content": [{"type": "text", "text": prompt_set.model_first_response}]},
                 {"role": "user", "content": [{"type": "text", "text": user_filled}]},
             ]
-        text = {"type": "text", "text": task + "\n" + user_filled}
+        if table_first:
+            table_part = before + (table if table_slot else IMAGE_TABLE_VALUE)
+            text = {"type": "text", "text": table_part.lstrip("\n") + "\n" + task + after}
+        else:
+            text = {"type": "text", "text": task + "\n" + user_filled}
         if modality == "text":
             return [{"role": "user", "content": [text]}]
         picture = {"type": "image", "image": image}
@@ -207,10 +218,10 @@ def prompt_builder(
 
 def build_messages(
     query: Query, table: str | None, modality: str, fmt: str, prompt_set: PromptSet,
-    protocol: str = "corrected", image: str | None = None, mix_says_latex: bool = False,
+    protocol: str = "corrected", image: str | None = None, mix_says_latex: bool = False, table_first: bool = False,
 ) -> list[dict]:
     """Chat messages (transformers layout) for one query; see the module docstring."""
-    return prompt_builder(query, modality, fmt, prompt_set, protocol, image, mix_says_latex)(table)
+    return prompt_builder(query, modality, fmt, prompt_set, protocol, image, mix_says_latex, table_first)(table)
 
 
 def reminder(messages: list[dict], answer_format: str) -> list[dict]:

@@ -26,19 +26,21 @@ class Query:
         return self.sub_q_type if self.question_type == "Data Analysis" else self.question_type
 
 
-def prefix_key(modality: str, fmt: str, file_name: str, template_key: str) -> str:
-    """Jobs with equal keys share their prompt up to the question (task text, image, table)."""
+def prefix_key(modality: str, fmt: str, file_name: str, template_key: str | None) -> str:
+    """Jobs with equal keys share their prompt up to the question (task text, image, table).
+    template_key None: the table-first layout, where every template shares the table."""
     import hashlib
 
-    return hashlib.sha1(f"{modality}\0{fmt}\0{file_name}\0{template_key}".encode()).hexdigest()[:16]
+    return hashlib.sha1(f"{modality}\0{fmt}\0{file_name}\0{template_key or '*'}".encode()).hexdigest()[:16]
 
 
-def job_row(query: Query, modality: str, fmt: str, missing: str | None = None) -> dict:
+def job_row(query: Query, modality: str, fmt: str, missing: str | None = None, table_first: bool = False) -> dict:
     """The queue row for `query`: pending, or error/missing_input with the reason."""
     row = {
         "query_id": query.id, "file_name": query.file_name, "question_type": query.question_type,
         "sub_q_type": query.sub_q_type, "question": query.question, "reference": query.reference,
-        "prefix_key": prefix_key(modality, fmt, query.file_name, query.template_key), "status": "pending",
+        "prefix_key": prefix_key(modality, fmt, query.file_name, None if table_first else query.template_key),
+        "status": "pending",
     }
     if missing:
         row.update(status="error", error_kind="missing_input", error_message=missing)

@@ -24,8 +24,9 @@ DEFAULT_REFERENCE = "../shared/reference-runs/qwen3-vl-8b-text_html/results.json
 @click.option("--baseline-n", type=int, help="Time the baseline on this many of the queries (spread over prompt lengths).")
 @click.option("--claim", default=512, show_default=True, help="Jobs the worker claims at once (groups land together).")
 @click.option("--out", "out_path", help="Write the JSON here too.")
+@click.option("--table-first", is_flag=True, help="Both paths use the opt-in table-first prompt layout (labelled in the JSON).")
 @click.option("--write-subset", help="Only copy the sampled tables (+ rendered images) to this folder, then exit (CPU).")
-def bench(model_dir, data_dir, n, seed, modality, fmt, out_len, reference, baseline_n, claim, out_path, write_subset):
+def bench(model_dir, data_dir, n, seed, modality, fmt, out_len, reference, baseline_n, claim, out_path, table_first, write_subset):
     """Run N real queries through (a) the predecessor's method and (b) hitq's queue + worker path
     on one GPU, in one process, and print queries/s, TFLOP/s, floor fraction and the ratio b/a.
 
@@ -48,7 +49,7 @@ def bench(model_dir, data_dir, n, seed, modality, fmt, out_len, reference, basel
     logging.getLogger("hitq.engine").setLevel(logging.INFO)
     queries = core.sample_queries(data_dir, n, seed, fmt)
     lengths = core.reference_lengths(reference, measure.tokenizer(model_dir))
-    result = core.run(model_dir, data_dir, queries, lengths, modality, fmt, baseline_n, claim, out_len)
+    result = core.run(model_dir, data_dir, queries, lengths, modality, fmt, baseline_n, claim, out_len, table_first=table_first)
     text = json.dumps(result, indent=2, default=str)
     if out_path:
         write_atomic(out_path, text + "\n")

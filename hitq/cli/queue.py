@@ -65,6 +65,9 @@ def _ranges(ids: list[int]) -> str:
 @click.option("--prompts", default="default", show_default=True, help="Prompt set: default, official, or a JSON file.")
 @click.option("--protocol", type=click.Choice(["corrected", "predecessor", "official"]), default="corrected", show_default=True)
 @click.option("--mix-says-latex", is_flag=True, help="Reproduce the predecessor's mix prompts that always say latex.")
+@click.option("--table-first", is_flag=True,
+              help="Opt-in prompt layout (protocol corrected): the table before the instructions, so every question on a "
+                   "table shares one prefill. It changes the prompt; the run, its export and bench JSON say so.")
 @click.option("--sc-protocol", type=click.Choice(["gold", "none"]), default="gold", show_default=True)
 @click.option("--max-input-tokens", default=100_000, show_default=True, help="Prompt budget, images included.")
 @click.option("--min-pixels", default=4 * 32 * 32, show_default=True)
@@ -78,7 +81,7 @@ def _ranges(ids: list[int]) -> str:
 @click.option("--max-attempts", default=3, show_default=True, help="Claims before a job that keeps dying is error/crashed.")
 @db_option
 def enqueue(data_dir, model_dir, modality, fmt, qa_file, ids, types, run_name, engine, engine_opts, prompts, protocol,
-            mix_says_latex, sc_protocol, max_input_tokens, min_pixels, max_pixels, max_new_tokens, temperature, top_p,
+            mix_says_latex, table_first, sc_protocol, max_input_tokens, min_pixels, max_pixels, max_new_tokens, temperature, top_p,
             top_k, seed, format_retries, max_attempts, db):
     """Load the queries of one configuration into the queue (idempotent).
 
@@ -98,21 +101,25 @@ def enqueue(data_dir, model_dir, modality, fmt, qa_file, ids, types, run_name, e
                         [t.strip() for t in types.split(",")] if types else None)
     if not queries:
         raise UsageError("no queries match --ids/--types")
+    if table_first and protocol != "corrected":
+        raise UsageError(f"--table-first is hitq's own layout: use it with --protocol corrected, not {protocol}")
     config = RunConfig(
         modality=modality, format=fmt, data_dir=str(data), model_dir=check_model_dir(model_dir, engine), engine=engine,
         qa_file=qa_file or "QA_final.json", prompts=prompts, prompts_hash=_prompts_hash(prompts, str(data)), protocol=protocol,
         mix_says_latex=mix_says_latex, sc_protocol=sc_protocol, max_input_tokens=max_input_tokens, min_pixels=min_pixels,
         max_pixels=max_pixels, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
         format_retries=format_retries, extra={"engine_opts": parse_engine_opts(engine_opts)} if engine_opts else {},
+        table_first=table_first,
     )
     report = tables.validate_inputs(data, queries, modality, fmt, protocol)
     reasons = {i: f"{kind} input {name} is {entry['problem'].replace('_', ' ')}: {entry['path']}"
                for kind, files in report.items() for name, entry in files.items() for i in entry["ids"]}
-    rows = [dict(job_row(q, modality, fmt, reasons.get(q.id)), max_attempts=max_attempts) for q in queries]
+    rows = [dict(job_row(q, modality, fmt, reasons.get(q.id), table_first), max_attempts=max_attempts) for q in queries]
     queue = open_queue(db)
     name = run_name or f"{modality}_{fmt}"
     added, present = queue.enqueue(name, config.to_json(), config.hash, rows)
-    click.echo(f"run {name}: {added} jobs added, {present} already present")
+    layout = " (table-first prompt layout: not the default prompt)" if table_first else ""
+    click.echo(f"run {name}: {added} jobs added, {present} already present{layout}")
     for kind, files in report.items():
         for file_name, entry in sorted(files.items()):
             click.echo(f"  {kind}: {file_name} {entry['problem'].replace('_', ' ')} -> ids {_ranges(entry['ids'])} enqueued as error/missing_input")
@@ -158,13 +165,16 @@ def status(run_name, as_json, watch, db):
 
 
 def _status_text(queue, runs) -> str:
+    from hitq.runconfig import RunConfig
+
     lines = [f"{'run':<24} {'pending':>8} {'running':>8} {'done':>8} {'error':>8} {'jobs/s':>8} {'ETA':>9}  errors"]
     for run in runs:
         s = queue.stats(run)
         c = s["counts"]
         eta = "-" if s["eta_s"] is None else time.strftime("%H:%M:%S", time.gmtime(s["eta_s"]))
         errors = ", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items()))
-        lines.append(f"{run.name:<24} {c['pending']:>8} {c['running']:>8} {c['done']:>8} {c['error']:>8} {s['jobs_per_s']:>8.3f} {eta:>9}  {errors}")
+        name = run.name + (" [table-first]" if RunConfig.from_json(run.config).table_first else "")
+        lines.append(f"{name:<24} {c['pending']:>8} {c['running']:>8} {c['done']:>8} {c['error']:>8} {s['jobs_per_s']:>8.3f} {eta:>9}  {errors}")
     alive = [w for w in queue.list_workers() if w["state"] == "running" and w["age_s"] < 120]
     lines.append(f"workers alive: {len(alive)}" + "".join(f"\n  {w['id']} device {w['device']} done {w['jobs_done']}" for w in alive))
     return "\n".join(lines)

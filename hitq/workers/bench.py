@@ -169,7 +169,8 @@ def run_worker(engine, queries: list[Query], config: RunConfig, claim: int, db_d
     url = f"sqlite:///{Path(db_dir) / 'bench.db'}"
     queue = open_queue(url)
     name = f"bench-{config.modality}-{config.format}"
-    queue.enqueue(name, config.to_json(), config.hash, [job_row(q, config.modality, config.format) for q in queries])
+    queue.enqueue(name, config.to_json(), config.hash,
+                  [job_row(q, config.modality, config.format, table_first=config.table_first) for q in queries])
     spec = WorkerSpec(db=url, device="0", run_name=name, drain=True, lease_s=3600.0, batch_size=claim, poll_s=0.05)
     worker = Worker(spec)
     run = worker.queue.get_run(name)
@@ -201,7 +202,7 @@ def _count(values) -> dict:
 
 def run(model_dir: str, data_dir: str, queries: list[Query], lengths: dict[int, int], modality: str = "text",
         fmt: str = "html", baseline_n: int | None = None, claim: int = 64, out_len: int | None = None,
-        device: str = "cuda", random_weights: bool = True) -> dict:
+        device: str = "cuda", random_weights: bool = True, table_first: bool = False) -> dict:
     """Build the engine (random bf16 weights), check the fast path, time (a) and (b)."""
     from hitq.engine import measure
     from hitq.engine.qwen3vl import TransformersEngine
@@ -212,7 +213,7 @@ def run(model_dir: str, data_dir: str, queries: list[Query], lengths: dict[int, 
     # reference answer longer than hitq's cap is forced to the cap, on both paths.
     forced = {q.id: out_len or min(lengths.get(q.id, median), prompts.default_max_new_tokens(q)) for q in queries}
     engine = TransformersEngine(model_dir, device=device, random_weights=random_weights, force_lengths=forced, fast=True)
-    config = RunConfig(modality=modality, format=fmt, data_dir=str(data_dir), model_dir=str(model_dir),
+    config = RunConfig(modality=modality, format=fmt, data_dir=str(data_dir), model_dir=str(model_dir), table_first=table_first,
                        format_retries=0, extra={"bench": True, "forced_output_lengths": "reference" if not out_len else out_len})
     prompt_set = prompts.load_prompt_set(config.prompts)
     config = RunConfig(**{**config.to_json(), "prompts_hash": prompt_set.sha256})
@@ -223,7 +224,7 @@ def run(model_dir: str, data_dir: str, queries: list[Query], lengths: dict[int, 
     for q in queries:
         try:
             p = _prepare(engine, q, config, prompt_set, forced[q.id])
-            p.prefix_key = job_row(q, modality, fmt)["prefix_key"]
+            p.prefix_key = job_row(q, modality, fmt, table_first=table_first)["prefix_key"]
             prepared[q.id] = p
         except JobError:
             errors += 1
@@ -265,7 +266,7 @@ def run(model_dir: str, data_dir: str, queries: list[Query], lengths: dict[int, 
         r["floor_fraction_shared_prefix"] = sh / PEAK_FLOPS / r["seconds"]
         r["projected_full_pass_min"] = FULL_SET / r["queries_per_s"] / 60
     return {
-        **measure.versions(engine), "engine": engine.describe(), "modality": modality, "format": fmt, "prompt_layout": "default (not table-first)",
+        **measure.versions(engine), "engine": engine.describe(), "modality": modality, "format": fmt, "prompt_layout": "table-first (opt-in: changes the prompt)" if table_first else "default (not table-first)",
         "output_lengths": f"fixed {out_len}" if out_len else
         "reference run's answer lengths (results.json Prediction tokens), capped at hitq's max_new_tokens by type",
         "queries": len(queries), "prepare_errors": errors, "tables": len({q.file_name for q in queries}),

@@ -72,6 +72,28 @@ def test_enqueue_same_run_other_settings_shows_the_diff(tmp_path, data):
                         "--max-input-tokens", "5000", "--db", db), "max_input_tokens: 100000 -> 5000")
 
 
+def test_table_first_is_opt_in_and_labelled(tmp_path, data):
+    from hitq.jobqueue import open_queue
+    from hitq.runconfig import RunConfig
+
+    db = tmp_path / "h.db"
+    code, out = run("enqueue", "--data", data, "--modality", "text", "--format", "html", "--engine", "fake", "--table-first",
+                    "--run", "tf", "--db", db)
+    assert code == 0 and "(table-first prompt layout: not the default prompt)" in out
+    run("enqueue", "--data", data, "--modality", "text", "--format", "html", "--engine", "fake", "--run", "plain", "--db", db)
+    q = open_queue(f"sqlite:///{db}")
+    assert RunConfig.from_json(q.get_run("tf").config).table_first and not RunConfig.from_json(q.get_run("plain").config).table_first
+    for name, most in (("tf", 1), ("plain", 2)):  # keys per table: one (table-first) or one per template
+        keys: dict = {}
+        for r in q.result_rows(name):
+            keys.setdefault(r["file_name"], set()).add(r["prefix_key"])
+        assert max(len(k) for k in keys.values()) == 1 if most == 1 else max(len(k) for k in keys.values()) >= most
+    code, out = run("status", "--db", db)
+    assert "tf [table-first]" in out and "plain [table-first]" not in out
+    one_line_error(*run("enqueue", "--data", data, "--modality", "text", "--format", "html", "--engine", "fake", "--table-first",
+                        "--protocol", "predecessor", "--run", "tp", "--db", db), "--table-first is hitq's own layout")
+
+
 def test_sqlite_on_network_filesystem(tmp_path, monkeypatch):
     mounts = tmp_path / "mounts"
     mounts.write_text(f"server:/export {tmp_path} nfs4 rw 0 0\n")

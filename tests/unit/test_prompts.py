@@ -194,3 +194,33 @@ def test_reminder_and_generation_limits(queries, official):
         prompts.build_messages(q, "T", "text", "xml", official, "predecessor")
     with pytest.raises(UsageError):
         prompts.build_messages(q, "T", "text", "csv", official, "other")
+
+
+def test_table_first_layout_shares_the_table_across_templates(queries):
+    """Opt-in: the table precedes the task text, so questions of different templates on one table
+    share their prompt (image and table) up to the end of the table, and one prefix_key."""
+    from hitq.benchmark.query import job_row
+
+    default = prompts.load_prompt_set("default")
+    table = "<table><tr><td>1</td></tr></table>"
+    on_table: dict = {}
+    for q in queries.values():
+        on_table.setdefault(q.file_name, {}).setdefault(q.template_key, q)
+    name, by_template = next((n, t) for n, t in on_table.items() if len(t) >= 3)
+    picked = list(by_template.values())[:3]
+    for modality, image in (("text", None), ("mix", "x.png")):
+        texts = [prompts.build_messages(q, table, modality, "html", default, image=image, table_first=True)
+                 for q in picked]
+        bodies = [m[0]["content"][-1]["text"] for m in texts]
+        assert all(b.startswith("# Table\n" + table + "\n") for b in bodies)
+        assert len({b.split(table)[0] for b in bodies}) == 1 and len(set(bodies)) == 3  # shared up to the table only
+        assert all(b.endswith(q.question + "\nRemember: the final answer must be formatted like this: [Final Answer]: "
+                              + default.answer_format(q) + "\n") for b, q in zip(bodies, picked))
+        if image:
+            assert all(m[0]["content"][0] == {"type": "image", "image": "x.png"} for m in texts)
+        default_body = prompts.build_messages(picked[0], table, modality, "html", default, image=image)[0]["content"][-1]["text"]
+        assert default_body.index(table) > default_body.index("# Role")  # the default puts the task first
+    keys = {job_row(q, "text", "html", table_first=True)["prefix_key"] for q in picked}
+    assert len(keys) == 1 and len({job_row(q, "text", "html")["prefix_key"] for q in picked}) == 3
+    with pytest.raises(UsageError, match="table-first"):
+        prompts.build_messages(picked[0], table, "text", "html", default, "predecessor", table_first=True)
