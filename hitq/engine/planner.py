@@ -10,7 +10,7 @@ first (large regions before the arena fragments).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,6 @@ def split_large(groups: Sequence, rows: int, positions: int) -> list:
     """Cut a group into parts of at most `rows` rows that fit in `positions` together: the
     shared prefix (`split`) once plus each row's suffix and outputs (each part prefills the
     prefix). A single row larger than `positions` stays: fastgen.run reports it as out of memory."""
-    from dataclasses import replace
-
     out = []
     for g in groups:
         part: list = []
