@@ -163,6 +163,12 @@ def uses_table(modality: str, protocol: str) -> bool:
     return modality != "image" or protocol == "official"
 
 
+def check_layout(protocol: str, table_first: bool) -> None:
+    """The table-first layout exists only for hitq's own (corrected) protocol."""
+    if table_first and protocol != "corrected":
+        raise UsageError(f"--table-first is hitq's own layout: use it with --protocol corrected, not {protocol}")
+
+
 def prompt_builder(
     query: Query, modality: str, fmt: str, prompt_set: PromptSet, protocol: str = "corrected",
     image: str | None = None, mix_says_latex: bool = False, table_first: bool = False,
@@ -182,8 +188,7 @@ def prompt_builder(
         raise UsageError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
     if modality != "text" and image is None:
         raise ValueError(f"{modality} prompts need an image path")
-    if table_first and protocol != "corrected":
-        raise UsageError(f"the table-first layout is hitq's own (protocol corrected), not {protocol!r}")
+    check_layout(protocol, table_first)
     task = task_text(prompt_set, query, modality, fmt, protocol, mix_says_latex)
     answer_format = prompt_set.answer_format(query)
     # Split the user prompt around {table} once (question and format are fixed per query).

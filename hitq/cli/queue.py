@@ -92,6 +92,7 @@ def enqueue(data_dir, model_dir, modality, fmt, qa_file, ids, types, run_name, e
       hitq enqueue --data ~/RealHiTBench --model ~/models/Qwen3-VL-8B-Instruct --modality mix --format html
     """
     from hitq.benchmark import qa, tables
+    from hitq.benchmark.prompts import check_layout
     from hitq.benchmark.query import job_row
     from hitq.jobqueue import open_queue
     from hitq.runconfig import RunConfig
@@ -101,8 +102,7 @@ def enqueue(data_dir, model_dir, modality, fmt, qa_file, ids, types, run_name, e
                         [t.strip() for t in types.split(",")] if types else None)
     if not queries:
         raise UsageError("no queries match --ids/--types")
-    if table_first and protocol != "corrected":
-        raise UsageError(f"--table-first is hitq's own layout: use it with --protocol corrected, not {protocol}")
+    check_layout(protocol, table_first)
     config = RunConfig(
         modality=modality, format=fmt, data_dir=str(data), model_dir=check_model_dir(model_dir, engine), engine=engine,
         qa_file=qa_file or "QA_final.json", prompts=prompts, prompts_hash=_prompts_hash(prompts, str(data)), protocol=protocol,

@@ -128,6 +128,19 @@ class Where:
     host: list
     chunks: tuple | None = None  # (starts (R*K + 1,) int32, used (R*K,) int32, valid (R, K) bool, K, max_k)
 
+    _segments: list | None = field(default=None, init=False, repr=False)
+
+    def segments(self, device) -> list[tuple]:
+        """Per segment (prefix, own): (starts (R + 1,) int32, used (R,) int32, longest), built on
+        the first call and reused by every layer (the suffix path)."""
+        if self._segments is None:
+            self._segments = []
+            for seg in (0, 1):
+                starts, used = [row[seg][0] for row in self.host], [row[seg][1] for row in self.host]
+                as_int = {"dtype": torch.int32, "device": device}
+                self._segments.append((torch.tensor(starts + [0], **as_int), torch.tensor(used, **as_int), max(used)))
+        return self._segments
+
     @classmethod
     def rows(cls, segments: list, T: int, device) -> "Where":
         """segments: per row ((prefix start, length), (own start, length before the new tokens))."""
@@ -235,12 +248,8 @@ def _attend_suffix(q, k, v, where: Where, scale) -> torch.Tensor:
     R, Hq, T, D = q.shape
     packed = q.transpose(1, 2).reshape(R * T, Hq, D)
     cu_q = torch.arange(0, R * T + 1, T, dtype=torch.int32, device=q.device)
-    parts = []
-    for seg, causal in ((0, False), (1, True)):
-        starts = torch.tensor([row[seg][0] for row in where.host] + [0], dtype=torch.int32, device=q.device)
-        used = [row[seg][1] for row in where.host]
-        parts.append(_flash(packed, k, v, cu_q, starts, torch.tensor(used, dtype=torch.int32, device=q.device), T,
-                            max(used), causal, scale))
+    parts = [_flash(packed, k, v, cu_q, starts, used, T, longest, causal, scale)
+             for (starts, used, longest), causal in zip(where.segments(q.device), (False, True))]
     outs = torch.stack([o.reshape(R, T, Hq, D) for o, _ in parts], 1)
     lses = torch.stack([lse.reshape(R, T, Hq) for _, lse in parts], 1)
     return _merge(outs, lses, torch.ones(R, 2, dtype=torch.bool, device=q.device)).reshape(R, T, Hq * D)
@@ -290,9 +299,7 @@ class Decoder:
         tokens, positions, write = self.inputs
         where = Where(write[:, None], host, (self.starts, self.used, self.valid, self.K, self.max_k))
         logits = forward_text(self.model, self.arena, tokens[:, None], positions[:, None], where)
-        blocked = torch.where(self.forbid[:, None], float("-inf"), logits[:, self.eos])
-        logits[:, self.eos] = blocked.to(logits.dtype)
-        return logits.argmax(-1)
+        return greedy(logits, self.forbid, self.eos)
 
     def _capture(self, host: list) -> None:
         stream = torch.cuda.Stream()
@@ -363,6 +370,15 @@ class Group:
         """Cache positions the group's longest row can reach."""
         return max(r.length + r.limit for r in self.rows)
 
+    def own(self, r: Row) -> int:
+        """Arena positions of row r's own region: its suffix and its outputs."""
+        return r.length - self.split + r.limit
+
+    @property
+    def positions(self) -> int:
+        """Arena positions the group takes: its shared prefix once, each row's own region."""
+        return self.split + sum(self.own(r) for r in self.rows)
+
 
 def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     n = min(a.numel(), b.numel())
@@ -422,8 +438,8 @@ def prefill_group(model, g: Group, device, kwarg: str, arena: Arena | None = Non
     row's own suffix into the row's region. regions: (prefix start, [own start per row]).
     Returns (first-token logits of each row, the rope delta of the group)."""
     if arena is None:
-        arena = Arena(model, g.split + sum(r.length - g.split + r.limit for r in g.rows))
-        regions = (arena.take(g.split), [arena.take(r.length - g.split + r.limit) for r in g.rows])
+        arena = Arena(model, g.positions)
+        regions = (arena.take(g.split), [arena.take(g.own(r)) for r in g.rows])
     prefix, owns = regions
     inputs = _to_device(g.rows[0].prepared.inputs, model, device)
     logits, cache, delta = prefill(model, inputs, g.split, kwarg)
@@ -442,13 +458,11 @@ def prefill_group(model, g: Group, device, kwarg: str, arena: Arena | None = Non
     return out, delta
 
 
-def _pick(logits: torch.Tensor, rows: list[Row], eos_ids: list[int]) -> list[int]:
-    """Greedy next tokens; forced rows never pick EOS (like min_new_tokens in model.generate)."""
-    forced = [i for i, r in enumerate(rows) if r.forced]
-    if forced:
-        logits = logits.clone()
-        logits[torch.tensor(forced, device=logits.device)[:, None], torch.tensor(eos_ids, device=logits.device)] = float("-inf")
-    return logits.argmax(-1).tolist()
+def greedy(logits: torch.Tensor, forbid: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """Argmax of each row; rows where `forbid` never pick EOS (like min_new_tokens in
+    model.generate). Fixed shapes, no host sync: it runs inside the decode step's CUDA graph."""
+    logits[:, eos] = torch.where(forbid[:, None], float("-inf"), logits[:, eos]).to(logits.dtype)
+    return logits.argmax(-1)
 
 
 # -- continuous batching ----------------------------------------------------------------------
@@ -463,20 +477,19 @@ def run(model, groups: list[Group], positions: int, rows: int, stopper: Stopper,
     region at once, the prefix region goes with the group's last row.
     Each row's `timing` gets its group's prefill time and its admission-to-stop time.
     Returns the figures: {"prefill_s", "decode_s", "steps", "rows", "positions", "most_live", "seconds"}."""
-    need = max(group_positions(g) for g in groups)
+    need = max(g.positions for g in groups)
     if need > positions:
         raise torch.cuda.OutOfMemoryError(f"a group needs {need} cache positions, {positions} fit in memory")
     sync()
     start = time.perf_counter()
     arena = Arena(model, positions)
-    decoder = Decoder(model, arena, rows, max(max(g.split, max(r.length - g.split + r.limit for r in g.rows)) for g in groups),
-                      eos_ids, graphs)
+    decoder = Decoder(model, arena, rows, max(max(g.split, *map(g.own, g.rows)) for g in groups), eos_ids, graphs)
     pending, free, live = deque(groups), list(range(rows))[::-1], {}  # live: decode position -> (row, region, group)
     holders: dict[int, list] = {}  # id(group) -> [prefix start, rows still live]
     prefill_s = steps = most = 0
 
     def release(r: Row, own: int, g: Group) -> None:
-        arena.give(own, r.length - g.split + r.limit)
+        arena.give(own, g.own(r))
         holder = holders[id(g)]
         holder[1] -= 1
         if not holder[1]:
@@ -486,7 +499,7 @@ def run(model, groups: list[Group], positions: int, rows: int, stopper: Stopper,
     while pending or live:
         while pending and len(pending[0].rows) <= len(free):
             g = pending[0]
-            taken = arena.take_all([g.split] + [r.length - g.split + r.limit for r in g.rows])
+            taken = arena.take_all([g.split] + [g.own(r) for r in g.rows])
             if taken is None:  # memory is full until live rows stop
                 break
             pending.popleft()
@@ -494,7 +507,8 @@ def run(model, groups: list[Group], positions: int, rows: int, stopper: Stopper,
             holders[id(g)] = [prefix, len(g.rows)]
             t0 = time.perf_counter()
             logits, delta = prefill_group(model, g, device, kwarg, arena, (prefix, owns))
-            firsts = _pick(torch.cat(logits), g.rows, eos_ids)
+            forced = torch.tensor([r.forced for r in g.rows], device=device)
+            firsts = greedy(torch.cat(logits), forced, decoder.eos).tolist()
             t1 = time.perf_counter()  # the token list above waited for the prefill
             prefill_s += t1 - t0
             for own, r, token in zip(owns, g.rows, firsts):
@@ -530,7 +544,3 @@ def run(model, groups: list[Group], positions: int, rows: int, stopper: Stopper,
     return {"prefill_s": prefill_s, "decode_s": wall - prefill_s, "steps": steps, "rows": n, "positions": positions,
             "most_live": most, "seconds": wall}
 
-
-def group_positions(g: Group) -> int:
-    """Arena positions a group takes: its shared prefix once, each row's suffix and outputs."""
-    return g.split + sum(r.length - g.split + r.limit for r in g.rows)

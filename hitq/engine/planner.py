@@ -1,7 +1,7 @@
 """How much KV cache a fast-path call may take, and in which order its groups are admitted.
 
-The arena (hitq.engine.fastgen.Arena) holds every live request's region of exactly its need
-(prompt + output limit); it gets the device's free memory less the prefill workspace of the
+The arena (hitq.engine.fastgen.Arena) holds each live group's shared prefix once and each of its
+requests' suffix + output limit; it gets the device's free memory less the prefill workspace of the
 longest prompt (activations and the prefix's own DynamicCache, per prompt token), so the OOM
 ladder is the exception, not the schedule. Groups are admitted longest output limit first (chart
 answers start early and the short answers fill the decode rows around them), then largest need
@@ -41,7 +41,7 @@ def split_large(groups: Sequence, rows: int, positions: int) -> list:
     for g in groups:
         part: list = []
         for r in g.rows:
-            if part and (len(part) == rows or g.split + sum(x.length - g.split + x.limit for x in part + [r]) > positions):
+            if part and (len(part) == rows or g.split + sum(map(g.own, part + [r])) > positions):
                 out.append(replace(g, rows=part))
                 part = []
             part.append(r)

@@ -503,20 +503,21 @@ class TransformersEngine:
         budget = planner.device_budget(self.model, self.device, self.max_batch_rows, self.kv_budget_tokens)
         stopper = fastgen.Stopper(self.tokenizer, self.eos_ids, answer_complete)
         kwarg = fastgen.cache_kwarg(self.model)
-        positions = min(budget.positions(max(g.longest for g in groups)), sum(fastgen.group_positions(g) for g in groups))
+        positions = min(budget.positions(max(g.longest for g in groups)), sum(g.positions for g in groups))
         order = planner.admission_order(planner.split_large(groups, budget.max_rows, positions))
+        decode_rows = min(budget.max_rows, len(rows))
         outputs: dict[int, Output] = {}
         oom = None
         try:
             with torch.inference_mode():
-                timing = fastgen.run(self.model, order, positions, min(budget.max_rows, len(rows)), stopper, self.eos_ids,
+                timing = fastgen.run(self.model, order, positions, decode_rows, stopper, self.eos_ids,
                                      self.device, kwarg, lambda: _device_sync(self.device), self.cuda_graphs)
             reserved = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
             for g in order:
                 for r in g.rows:
                     extra = dict(timing, input_tokens=r.prepared.count.tokens, shared_prefix=g.split if len(g.rows) > 1 else 0,
                                  group_prefill_s=r.timing.get("prefill_s"), latency_s=r.timing.get("seconds"),
-                                 batch_size=min(budget.max_rows, len(rows)), max_memory_reserved=reserved, forced_length=r.forced)
+                                 batch_size=decode_rows, max_memory_reserved=reserved, forced_length=r.forced)
                     text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
                     outputs[id(r.prepared)] = Output(r.prepared.key, text, len(r.ids), timing["seconds"] / timing["rows"], extra)
         except Exception as e:  # noqa: BLE001

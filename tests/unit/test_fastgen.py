@@ -93,6 +93,9 @@ def test_admission_order_and_budget():
         need: int
         split: int = 0
 
+        def own(self, r):
+            return r.length - self.split + r.limit
+
     def group(n, need, cap):
         return G([R(cap, need) for _ in range(n)], need)
 
