@@ -33,7 +33,7 @@ def work(gpu, run_name, drain, lease_seconds, max_jobs, batch_size, procs, job_t
       hitq work --gpu cpu --run text_html --drain
     """
     from hitq.jobqueue import open_queue
-    from hitq.jobqueue.database import WORKER_RETRY, RetryPolicy
+    from hitq.jobqueue.database import WORKER_RETRY, RetryPolicy, one_line_pool_errors
     from hitq.workers.supervisor import Supervisor, specs_for
     from hitq.workers.worker import WorkerSpec
 
@@ -46,6 +46,7 @@ def work(gpu, run_name, drain, lease_seconds, max_jobs, batch_size, procs, job_t
     if run_name:
         queue.get_run(run_name)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s [supervisor] %(message)s")
+    one_line_pool_errors()
     base = WorkerSpec(db=db, device="cpu", run_name=run_name, drain=drain, lease_s=lease_seconds, batch_size=batch_size,
                       max_jobs=max_jobs, poll_s=poll_seconds)
 

@@ -67,6 +67,27 @@ class DatabaseUnavailable(DatabaseError):
     """The database cannot be reached right now (down, restarting, or locked): try again later."""
 
 
+class _PoolOneLine(logging.Filter):
+    """SQLAlchemy's pool logs a full traceback when it cannot reset a connection that the server
+    already dropped (e.g. terminated in the middle of a pipelined insert). The connection is
+    discarded and the caller's retry line tells the story, so the pool's record becomes one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("sqlalchemy.pool") and record.exc_info and record.exc_info[1] is not None:
+            reason = (str(record.exc_info[1]).strip().splitlines() or [""])[0]
+            record.msg, record.args = f"{record.getMessage()}: {reason}", None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def one_line_pool_errors() -> None:
+    """Install _PoolOneLine on the root logger's handlers (worker and supervisor processes, after
+    logging.basicConfig): the pool logs through per-pool child loggers, which handler filters see."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _PoolOneLine) for f in handler.filters):
+            handler.addFilter(_PoolOneLine())
+
+
 # SQLite reports "no such table" and syntax errors as OperationalError too: only these are transient.
 SQLITE_TRANSIENT = ("locked", "busy", "unable to open", "disk i/o error")
 

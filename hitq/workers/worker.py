@@ -90,7 +90,9 @@ def child_main(spec: WorkerSpec, current) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s [worker {spec.device}/{spec.slot} pid {os.getpid()}] %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from hitq.jobqueue.database import is_transient
+    from hitq.jobqueue.database import is_transient, one_line_pool_errors
+
+    one_line_pool_errors()
 
     try:
         code = Worker(spec, current).loop()
