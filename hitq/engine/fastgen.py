@@ -120,13 +120,16 @@ class Where:
     write (R, T): arena index of each new token. A row reads two segments: its group's shared
     prefix (all visible) and its own region (its suffix and outputs so far, the new tokens
     included; causal). host: per row [(prefix start, length), (own start, length)], which the
-    reference path reads. chunks (flash path): each row's segments cut into K pieces, each run
-    as one flash-attention "sequence" and merged by log-sum-exp (flash-decoding: a 99k-token row
-    is read by K x kv-heads thread blocks, not by kv-heads)."""
+    reference path reads. slots (decode, flash path): every row's segments cut into pieces of
+    one size across all rows, each run as one flash-attention "sequence" and merged into its row
+    by log-sum-exp (flash-decoding: a 99k-token row is read by many thread blocks, and no block
+    reads much more than another). first (prefill of a prefix): the new tokens are the whole
+    sequence, nothing before them: plain causal attention over them."""
 
     write: torch.Tensor
     host: list
-    chunks: tuple | None = None  # (starts (R*K + 1,) int32, used (R*K,) int32, valid (R, K) bool, K, max_k)
+    slots: tuple | None = None  # (starts (S + 1,) int32, used (S,) int32, owner (S,) long, max_k)
+    first: bool = False
 
     _segments: list | None = field(default=None, init=False, repr=False)
 
@@ -148,21 +151,23 @@ class Where:
         return cls(write, [[pre, (own, n + T)] for pre, (own, n) in segments])
 
 
-def chunked(host: list, K: int, chunk: int, scratch: int) -> tuple[list, list, list, int]:
-    """Cut each row's segments into K pieces of at most `chunk` positions; unused pieces read
-    the scratch position and are marked invalid."""
-    starts, used, valid = [], [], []
-    for segments in host:
-        pieces = []
-        for start, n in segments:
-            pieces += [(start + i, min(chunk, n - i)) for i in range(0, n, chunk)]
-        if len(pieces) > K:
-            raise ValueError(f"{len(pieces)} pieces for {K} chunk slots")
-        valid.append([True] * len(pieces) + [False] * (K - len(pieces)))
-        pieces += [(scratch, 1)] * (K - len(pieces))
-        starts += [p[0] for p in pieces]
-        used += [p[1] for p in pieces]
-    return starts + [0], used, valid, max(used)
+def slots(host: list, S: int, scratch: int, smallest: int = 1024) -> tuple[list, list, list, int]:
+    """Cut every row's segments into pieces of one size (at least `smallest`, and small enough
+    that all pieces fit in S slots); returns per slot (start, used, owner row), the unused slots
+    reading the scratch position for a row R that nobody reads, and the piece size. Equal pieces
+    keep the thread blocks of one flash call equally busy: the longest piece sets its time."""
+    segments = [(r, start, n) for r, row in enumerate(host) for start, n in row if n > 0]
+    if len(segments) >= S:
+        raise ValueError(f"{len(segments)} segments for {S} slots")
+    size = max(smallest, -(-sum(n for *_, n in segments) // (S - len(segments))))
+    starts, used, owner = [], [], []
+    for r, start, n in segments:  # at most n / size + 1 pieces each: S slots in all
+        for i in range(0, n, size):
+            starts.append(start + i)
+            used.append(min(size, n - i))
+            owner.append(r)
+    pad = S - len(starts)
+    return starts + [scratch] * pad + [0], used + [1] * pad, owner + [len(host)] * pad, size
 
 
 def _cache_tensors(cache):
@@ -196,7 +201,8 @@ def forward_text(model, arena: Arena, tokens: torch.Tensor, positions: torch.Ten
     R, T = tokens.shape
     h = lm.embed_tokens(tokens)
     cos, sin = lm.rotary_emb(h, positions[None].expand(3, R, T))
-    attend = _attend_reference if not arena.flash else _attend_suffix if where.chunks is None else _attend_decode
+    attend = (_attend_first if where.first else _attend_reference if not arena.flash
+              else _attend_decode if where.slots is not None else _attend_suffix)
     for i, layer in enumerate(lm.layers):
         a = layer.self_attn
         x = layer.input_layernorm(h)
@@ -219,27 +225,57 @@ def _flash(q, k, v, cu_q, starts, used, max_q: int, max_k: int, causal: bool, sc
     return out, lse.reshape(q.shape[1], q.shape[0]).transpose(0, 1)  # varlen lse: (H, total_q)
 
 
-def _merge(outs: torch.Tensor, lses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Softmax-merge partial attentions over dim 1: outs (R, K, ..., D), lses (R, K, ...), valid (R, K)."""
-    mask = valid.reshape(valid.shape + (1,) * (lses.dim() - 2))
-    lses = lses.masked_fill(~mask, float("-inf"))
+def _merge(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
+    """Softmax-merge partial attentions over dim 1: outs (R, P, ..., D), lses (R, P, ...)."""
     weights = torch.softmax(lses, dim=1)
     return (outs.float() * weights[..., None]).sum(1).to(outs.dtype)
 
 
+def _merge_into_rows(outs: torch.Tensor, lses: torch.Tensor, owner: torch.Tensor, R: int) -> torch.Tensor:
+    """Softmax-merge the partial attention of each slot into its owner row: outs (S, ..., D),
+    lses (S, ...), owner (S,) in 0..R (R: unused slots). Fixed shapes, no host sync."""
+    shape = (R + 1,) + lses.shape[1:]
+    index = owner.reshape((-1,) + (1,) * (lses.dim() - 1)).expand_as(lses)
+    top = torch.full(shape, float("-inf"), device=lses.device).scatter_reduce(0, index, lses, "amax")
+    weights = torch.exp(lses - top[owner])
+    total = torch.zeros(shape, device=lses.device).index_add_(0, owner, weights)
+    summed = torch.zeros(shape + outs.shape[-1:], device=outs.device).index_add_(0, owner, outs.float() * weights[..., None])
+    return (summed[:R] / total[:R, ..., None]).to(outs.dtype)
+
+
 def _attend_decode(q, k, v, where: Where, scale) -> torch.Tensor:
-    """One new token per row, every row's K chunks in one flash call. The G query heads of each
-    KV head become G query "tokens" of an MHA call, so each K/V block is read once for all of them."""
+    """One new token per row, all slots in one flash call. The G query heads of each KV head
+    become G query "tokens" of an MHA call, so each K/V block is read once for all of them."""
     R, Hq, _, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    starts, used, valid, K, max_k = where.chunks
+    starts, used, owner, max_k = where.slots
+    S = owner.shape[0]
     packed = q[:, :, 0].reshape(R, Hkv, G, D).transpose(1, 2)  # (R, G, Hkv, D)
-    packed = packed[:, None].expand(R, K, G, Hkv, D).reshape(R * K * G, Hkv, D)
-    cu_q = torch.arange(0, R * K * G + 1, G, dtype=torch.int32, device=q.device)
+    packed = torch.cat([packed, packed[:1]])[owner].reshape(S * G, Hkv, D)  # each slot's row (unused: any)
+    cu_q = torch.arange(0, S * G + 1, G, dtype=torch.int32, device=q.device)
     out, lse = _flash(packed, k, v, cu_q, starts, used, G, max_k, False, scale)
-    merged = _merge(out.reshape(R, K, G, Hkv, D), lse.reshape(R, K, G, Hkv), valid)  # (R, G, Hkv, D)
+    merged = _merge_into_rows(out.reshape(S, G, Hkv, D), lse.reshape(S, G, Hkv), owner, R)  # (R, G, Hkv, D)
     return merged.transpose(1, 2).reshape(R, 1, Hq * D)
+
+
+def _attend_first(q, k, v, where: Where, scale) -> torch.Tensor:
+    """A prefix's own tokens, nothing before them (one row): causal sdpa over the new K/V, which
+    picks cuDNN's or flash's fused kernel on CUDA (bench/probe-attention-h200.json: cuDNN ran
+    causal prefill at ~650 TFLOP/s on an H200, flash at ~345)."""
+    R, Hq, T, D = q.shape
+    (_, (own, n)), = where.host
+    keys, values = k[own : own + n].transpose(0, 1)[None], v[own : own + n].transpose(0, 1)[None]
+    with _prefill_kernels():
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).reshape(R, T, Hq * D)
+
+
+def _prefill_kernels():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def _attend_suffix(q, k, v, where: Where, scale) -> torch.Tensor:
@@ -252,7 +288,7 @@ def _attend_suffix(q, k, v, where: Where, scale) -> torch.Tensor:
              for (starts, used, longest), causal in zip(where.segments(q.device), (False, True))]
     outs = torch.stack([o.reshape(R, T, Hq, D) for o, _ in parts], 1)
     lses = torch.stack([lse.reshape(R, T, Hq) for _, lse in parts], 1)
-    return _merge(outs, lses, torch.ones(R, 2, dtype=torch.bool, device=q.device)).reshape(R, T, Hq * D)
+    return _merge(outs, lses).reshape(R, T, Hq * D)
 
 
 def _attend_reference(q, k, v, where: Where, scale) -> torch.Tensor:
@@ -281,15 +317,16 @@ class Decoder:
     replayed; its inputs are copied into static buffers first. Idle positions read and write
     the arena's scratch position."""
 
-    K = 8  # chunks per row: up to 4 for the prefix, 4 for the own region
+    SLOTS_PER_ROW = 8  # flash "sequences" per decode position (pieces of the rows' segments)
 
     def __init__(self, model, arena: Arena, rows: int, max_k: int, eos_ids: list[int], graphs: bool):
         self.model, self.arena, self.rows, self.max_k = model, arena, rows, max_k
         device = arena.k[0].device
+        S = rows * self.SLOTS_PER_ROW
         self.inputs = torch.zeros((3, rows), dtype=torch.long, device=device)  # tokens, rope positions, write index
-        self.starts = torch.zeros(rows * self.K + 1, dtype=torch.int32, device=device)
-        self.used = torch.zeros(rows * self.K, dtype=torch.int32, device=device)
-        self.valid = torch.zeros((rows, self.K), dtype=torch.bool, device=device)
+        self.starts = torch.zeros(S + 1, dtype=torch.int32, device=device)
+        self.used = torch.zeros(S, dtype=torch.int32, device=device)
+        self.owner = torch.zeros(S, dtype=torch.long, device=device)
         self.forbid = torch.zeros(rows, dtype=torch.bool, device=device)
         self.eos = torch.tensor(eos_ids, device=device)
         self.graph = None
@@ -297,7 +334,7 @@ class Decoder:
 
     def _step(self, host: list) -> torch.Tensor:
         tokens, positions, write = self.inputs
-        where = Where(write[:, None], host, (self.starts, self.used, self.valid, self.K, self.max_k))
+        where = Where(write[:, None], host, (self.starts, self.used, self.owner, self.max_k))
         logits = forward_text(self.model, self.arena, tokens[:, None], positions[:, None], where)
         return greedy(logits, self.forbid, self.eos)
 
@@ -319,13 +356,12 @@ class Decoder:
         idle = (0, 0, ((scratch, 1), (scratch, 0)), False)
         cols = [live.get(i, idle) for i in range(self.rows)]
         host = [[pre, (own, n + 1)] for _, _, (pre, (own, n)), _ in cols]
-        longest = max(n for row in host for _, n in row)
-        starts, used, valid, _ = chunked(host, self.K, max(2048, -(-longest // (self.K // 2))), scratch)
+        starts, used, owner, _ = slots(host, self.owner.shape[0], scratch)
         write = [own + n for _, _, (_, (own, n)), _ in cols]
         self.inputs.copy_(torch.tensor([[c[0] for c in cols], [c[1] for c in cols], write]), non_blocking=True)
         self.starts.copy_(torch.tensor(starts, dtype=torch.int32), non_blocking=True)
         self.used.copy_(torch.tensor(used, dtype=torch.int32), non_blocking=True)
-        self.valid.copy_(torch.tensor(valid), non_blocking=True)
+        self.owner.copy_(torch.tensor(owner), non_blocking=True)
         self.forbid.copy_(torch.tensor([c[3] for c in cols]), non_blocking=True)
         if not self.graphs:
             return self._step(host).tolist()
@@ -442,9 +478,15 @@ def prefill_group(model, g: Group, device, kwarg: str, arena: Arena | None = Non
         regions = (arena.take(g.split), [arena.take(g.own(r)) for r in g.rows])
     prefix, owns = regions
     inputs = _to_device(g.rows[0].prepared.inputs, model, device)
-    logits, cache, delta = prefill(model, inputs, g.split, kwarg)
-    arena.load(prefix, cache, g.split)
-    del cache
+    if "pixel_values" in inputs:  # images: transformers' forward (vision tower, deepstack, 3-D rope)
+        logits, cache, delta = prefill(model, inputs, g.split, kwarg)
+        arena.load(prefix, cache, g.split)
+        del cache
+    else:  # text: straight into the arena, fused causal attention (rope positions 0.., delta 0)
+        delta = 0
+        ids = inputs["input_ids"][:, : g.split]
+        where = Where(torch.arange(prefix, prefix + g.split, device=device)[None], [[(prefix, 0), (prefix, g.split)]], first=True)
+        logits = forward_text(model, arena, ids, torch.arange(g.split, device=device)[None], where)
     out = []
     for own, r in zip(owns, g.rows):
         ids = r.prepared.inputs["input_ids"][0]

@@ -2,7 +2,7 @@
 
 The arena (hitq.engine.fastgen.Arena) holds each live group's shared prefix once and each of its
 requests' suffix + output limit; it gets the device's free memory less the prefill workspace of the
-longest prompt (activations and the prefix's own DynamicCache, per prompt token), so the OOM
+longest prompt (activations, and with images the prefix's own DynamicCache), so the OOM
 ladder is the exception, not the schedule. Groups are admitted longest output limit first (chart
 answers start early and the short answers fill the decode rows around them), then largest need
 first (large regions before the arena fragments).
@@ -19,7 +19,7 @@ class Budget:
 
     bytes: int  # device memory free for the cache and the prefill workspace
     kv_per_token: int  # bytes of K+V per cache position (all layers)
-    workspace_per_token: int  # prefill activations + the prefix's DynamicCache, per prompt token
+    workspace_per_token: int  # prefill activations (+ the prefix's DynamicCache with images), per prompt token
     max_rows: int = 64  # decode rows (requests decoding together)
 
     def positions(self, longest: int) -> int:
@@ -49,8 +49,11 @@ def split_large(groups: Sequence, rows: int, positions: int) -> list:
     return out
 
 
-def device_budget(model, device, max_rows: int, kv_budget_tokens: int | None = None, margin: float = 0.85) -> Budget:
-    """The budget from the device's free memory (CUDA) or from `kv_budget_tokens` (CPU, tests)."""
+def device_budget(model, device, max_rows: int, kv_budget_tokens: int | None = None, images: bool = True,
+                  margin: float = 0.85) -> Budget:
+    """The budget from the device's free memory (CUDA) or from `kv_budget_tokens` (CPU, tests).
+    With images a prefix is prefilled by transformers into a DynamicCache that is then copied
+    to the arena, so its workspace holds a second KV copy; text prefixes go straight in."""
     import torch
 
     from hitq.engine.fastgen import kv_bytes_per_token
@@ -60,8 +63,9 @@ def device_budget(model, device, max_rows: int, kv_budget_tokens: int | None = N
     act = model.dtype.itemsize * (6 * c.hidden_size + 3 * c.intermediate_size)
     if kv_budget_tokens is not None:
         return Budget(kv_budget_tokens * kv, kv, 0, max_rows)
+    workspace = act + (kv if images else 0)
     if device.type != "cuda":
-        return Budget(1 << 36, kv, kv + act, max_rows)
+        return Budget(1 << 36, kv, workspace, max_rows)
     free, _ = torch.cuda.mem_get_info(device)
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return Budget(int((free + cached) * margin) - (1 << 30), kv, kv + act, max_rows)
+    return Budget(int((free + cached) * margin) - (1 << 30), kv, workspace, max_rows)

@@ -500,7 +500,8 @@ class TransformersEngine:
         rows = [fastgen.Row(p, self.force_lengths.get(str(p.key), p.max_new_tokens), str(p.key) in self.force_lengths)
                 for p in batch]
         groups = fastgen.make_groups(rows, self.image_token_id)
-        budget = planner.device_budget(self.model, self.device, self.max_batch_rows, self.kv_budget_tokens)
+        images = any("pixel_values" in p.inputs for p in batch)
+        budget = planner.device_budget(self.model, self.device, self.max_batch_rows, self.kv_budget_tokens, images)
         stopper = fastgen.Stopper(self.tokenizer, self.eos_ids, answer_complete)
         kwarg = fastgen.cache_kwarg(self.model)
         positions = min(budget.positions(max(g.longest for g in groups)), sum(g.positions for g in groups))

@@ -115,8 +115,8 @@ def test_fast_path_on_cuda_equals_generate_and_its_cuda_graph_equals_eager_steps
 
 
 def test_flash_attention_over_the_arena_equals_the_reference_path():
-    """Chunked flash-attention (decode) and prefix + causal own region (suffix) against sdpa
-    row by row in float32, on segments scattered through one arena."""
+    """Flash-attention over equal pieces merged into rows (decode) and prefix + causal own region
+    (suffix) against sdpa row by row in float32, on segments scattered through one arena."""
     from hitq.engine import fastgen
 
     torch.manual_seed(0)
@@ -125,10 +125,10 @@ def test_flash_attention_over_the_arena_equals_the_reference_path():
     v = torch.randn(N, Hkv, D, device="cuda", dtype=torch.bfloat16)
     scale = D**-0.5
     host = [[(0, 20_000), (30_000, 700)], [(0, 20_000), (31_000, 5)], [(40_000, 3_000), (45_000, 1)], [(N - 1, 1), (N - 1, 1)]]
-    starts, used, valid, max_k = fastgen.chunked(host, 16, 2500, scratch=N - 1)
+    starts, used, owner, size = fastgen.slots(host, 32, scratch=N - 1)
     as_int = {"dtype": torch.int32, "device": "cuda"}
     where = fastgen.Where(None, host, (torch.tensor(starts, **as_int), torch.tensor(used, **as_int),
-                                       torch.tensor(valid, device="cuda"), 16, max_k))
+                                       torch.tensor(owner, device="cuda"), 20_000))
     q = torch.randn(len(host), Hkv * G, 1, D, device="cuda", dtype=torch.bfloat16)
     got = fastgen._attend_decode(q, k, v, where, scale).float()
     want = fastgen._attend_reference(q.float(), k.float(), v.float(), where, scale)

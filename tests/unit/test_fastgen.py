@@ -106,3 +106,55 @@ def test_admission_order_and_budget():
     assert [(len(g.rows), g.need) for g in order] == [(3, 900), (1, 400), (3, 3000), (2, 3000), (2, 1000)]
     budget = planner.Budget(bytes=10_000, kv_per_token=2, workspace_per_token=3, max_rows=4)
     assert budget.positions(1000) == 3500 and budget.positions(4000) == 0
+
+
+def _flash_on_cpu(q, k, v, cu_q, starts, used, max_q, max_k, causal, scale):
+    """What fastgen._flash computes (flash-attention varlen, seqused_k, bottom-right causal),
+    sequence by sequence in float32, so the decode path's slot plan and merge run on a CPU."""
+    out, lse = torch.zeros(q.shape), torch.zeros(q.shape[:2])
+    for s in range(len(used)):
+        qs, n, start = slice(int(cu_q[s]), int(cu_q[s + 1])), int(used[s]), int(starts[s])
+        scores = torch.einsum("thd,nhd->htn", q[qs].float(), k[start : start + n].float()) * scale
+        if causal:
+            T = scores.shape[1]
+            scores = scores.masked_fill(torch.arange(n)[None] > torch.arange(n - T, n)[:, None], float("-inf"))
+        lse[qs] = torch.logsumexp(scores, -1).transpose(0, 1)
+        out[qs] = torch.einsum("htn,nhd->thd", torch.softmax(scores, -1), v[start : start + n].float())
+    return out, lse
+
+
+@pytest.mark.parametrize("smallest", [1, 5, 1024])
+def test_decode_slots_and_their_merge_equal_attention_row_by_row(monkeypatch, smallest):
+    """The decode step's plan (every segment cut into equal pieces over a fixed number of flash
+    sequences, unused ones reading scratch) and its log-sum-exp merge back into rows, against
+    sdpa over each row's prefix + own region."""
+    from hitq.engine import fastgen
+
+    torch.manual_seed(0)
+    N, Hkv, G, D = 400, 2, 3, 8
+    k, v = torch.randn(N, Hkv, D), torch.randn(N, Hkv, D)
+    host = [[(0, 120), (200, 7)], [(0, 120), (210, 1)], [(130, 33), (250, 40)], [(N - 1, 1), (N - 1, 1)]]
+    starts, used, owner, size = fastgen.slots(host, 48, scratch=N - 1, smallest=smallest)
+    assert len(used) == len(owner) == 48 and max(used) == min(size, 120)
+    covered = sorted((owner[i], p) for i in range(48) if owner[i] < len(host) for p in range(starts[i], starts[i] + used[i]))
+    assert covered == sorted((r, p) for r, row in enumerate(host) for start, n in row for p in range(start, start + n))
+    where = fastgen.Where(None, host, (torch.tensor(starts), torch.tensor(used), torch.tensor(owner), 120))
+    q = torch.randn(len(host), Hkv * G, 1, D)
+    monkeypatch.setattr(fastgen, "_flash", _flash_on_cpu)
+    got = fastgen._attend_decode(q, k, v, where, D**-0.5)
+    assert torch.allclose(got, fastgen._attend_reference(q, k, v, where, D**-0.5), atol=1e-5)
+    with pytest.raises(ValueError, match="segments for 4 slots"):
+        fastgen.slots(host, 4, scratch=N - 1)
+
+
+def test_suffix_attention_merges_prefix_and_causal_own_region(monkeypatch):
+    from hitq.engine import fastgen
+
+    torch.manual_seed(1)
+    N, H, T, D = 300, 4, 5, 8
+    k, v = torch.randn(N, 2, D), torch.randn(N, 2, D)
+    where = fastgen.Where(None, [[(0, 100), (150, T)], [(100, 30), (200, T)]])
+    q = torch.randn(2, H, T, D)
+    monkeypatch.setattr(fastgen, "_flash", lambda q, k, v, *a: _flash_on_cpu(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), *a))
+    got = fastgen._attend_suffix(q, k, v, where, D**-0.5)
+    assert torch.allclose(got, fastgen._attend_reference(q, k, v, where, D**-0.5), atol=1e-5)
