@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from hitq.cli.work import GPU_BATCH
+
 DEFAULT_MODEL = "../shared/models/qwen3-vl-8b-instruct-noweights"
 DEFAULT_REFERENCE = "../shared/reference-runs/qwen3-vl-8b-text_html/results.json"
 
@@ -22,7 +24,8 @@ DEFAULT_REFERENCE = "../shared/reference-runs/qwen3-vl-8b-text_html/results.json
 @click.option("--out-len", type=int, help="Force every output to N tokens (default: the reference answer's length).")
 @click.option("--reference", default=DEFAULT_REFERENCE, show_default=True, help="Reference results.json (answer lengths).")
 @click.option("--baseline-n", type=int, help="Time the baseline on this many of the queries (spread over prompt lengths).")
-@click.option("--claim", default=512, show_default=True, help="Jobs the worker claims at once (groups land together).")
+@click.option("--claim", default=GPU_BATCH, show_default=True,
+              help="The worker's --batch-size (hitq work's default on a GPU): it streams, claiming a quarter at a time.")
 @click.option("--out", "out_path", help="Write the JSON here too.")
 @click.option("--table-first", is_flag=True, help="Both paths use the opt-in table-first prompt layout (labelled in the JSON).")
 @click.option("--write-subset", help="Only copy the sampled tables (+ rendered images) to this folder, then exit (CPU).")

@@ -5,6 +5,8 @@ and supervisor can be tested with real processes: `oom` raises EngineOOM, `error
 EngineError, `crash` kills the process (os._exit), `hang` sleeps for an hour, `noanswer`
 answers without the `[Final Answer]:` marker. Faults come from
 the engine options (`--engine-opt oom=3,7`) or $HITQ_FAKE_FAULTS (`oom=3,7;crash=5`).
+With `stream=true` it also takes jobs as a stream (what the transformers engine's fast path
+does on a GPU), so the worker's stream path meets the same faults, signals and chaos.
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ def _keys(spec) -> set[int]:
 class FakeEngine:
     name = "fake"
 
-    def __init__(self, delay_s: float | str = 0.0, **faults):
+    def __init__(self, delay_s: float | str = 0.0, stream: bool | str = False, **faults):
         self.delay_s = float(delay_s)
+        self.streaming = str(stream).lower() in ("1", "true", "yes")
         env = dict(part.split("=", 1) for part in os.environ.get("HITQ_FAKE_FAULTS", "").split(";") if "=" in part)
         self.faults = {kind: _keys(faults.get(kind, env.get(kind, ""))) for kind in FAULTS}
         self.calls: list[list[Any]] = []  # keys of every generate call, for tests
@@ -62,8 +65,27 @@ class FakeEngine:
             outputs.append(Output(key=p.key, text=text, output_tokens=len(text) // 4, seconds=time.perf_counter() - start))
         return outputs
 
+    def can_stream(self, settings: GenerationSettings) -> bool:
+        return self.streaming
+
+    def stream(self, feed, done, longest: int, images: bool, stopping=lambda: False) -> list[Prepared]:
+        """One request at a time as feed hands them out (see TransformersEngine.stream)."""
+        given_back: list[Prepared] = []
+        while (batch := feed(True)) is not None:
+            for p in batch:
+                if stopping():
+                    given_back.append(p)
+                    continue
+                try:
+                    done(p, self.generate([p], GenerationSettings())[0])
+                except EngineOOM as e:  # like a request larger than the arena
+                    done(p, e)
+            if stopping():
+                return given_back
+        return given_back
+
     def describe(self) -> dict:
-        return {"engine": "fake", "device": "cpu", "delay_s": self.delay_s}
+        return {"engine": "fake", "device": "cpu", "delay_s": self.delay_s, "stream": self.streaming}
 
 
 def _parts(message: dict) -> list[dict]:

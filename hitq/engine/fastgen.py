@@ -26,12 +26,12 @@ import inspect
 import logging
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from hitq.engine import planner
 from hitq.engine.base import Prepared
 
 SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")  # (1, L) tensors
@@ -510,25 +510,49 @@ def greedy(logits: torch.Tensor, forbid: torch.Tensor, eos: torch.Tensor) -> tor
 # -- continuous batching ----------------------------------------------------------------------
 
 
-def run(model, groups: list[Group], positions: int, rows: int, stopper: Stopper, eos_ids: list[int], device,
+class Batch:
+    """What `run` serves: where its groups come from and where finished rows go. This one is a
+    fixed batch (all groups at once, results read from the rows afterwards); a stream
+    (qwen3vl.TransformersEngine.stream) hands out groups as jobs are claimed and reports each
+    row as it stops."""
+
+    def __init__(self, groups: list[Group]):
+        self.groups = groups
+
+    def more(self, idle: bool) -> list[Group] | None:
+        """New groups ([] for none yet; with idle=True wait for some), None when there are no more."""
+        groups, self.groups = self.groups, None
+        return groups
+
+    def finished(self, row: Row, group: Group) -> None:
+        """Row stopped (its tokens are in row.ids)."""
+
+    def too_large(self, group: Group, positions: int) -> None:
+        raise torch.cuda.OutOfMemoryError(f"a group needs {group.positions} cache positions, {positions} fit in memory")
+
+    def cancelled(self) -> list[Group] | None:
+        """Not admitted groups to give back now (the worker was asked to stop), else None."""
+        return None
+
+
+def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_ids: list[int], device,
         kwarg: str, sync, graphs: bool) -> dict:
-    """Run `groups` (in admission order) through an arena of `positions` cache positions and
-    `rows` decode positions. A group is admitted (prefilled) as soon as its rows find free decode
+    """Run the groups of `source` through an arena of `positions` cache positions and `rows`
+    decode positions. A group is admitted (prefilled) as soon as its rows find free decode
     positions and the arena a region for its prefix and one per row for the row's suffix and
     outputs; every live row decodes together; a stopped row frees its decode position and its
-    region at once, the prefix region goes with the group's last row.
+    region at once, the prefix region goes with the group's last row. Waiting groups are kept in
+    planner.admission_order and topped up from `source` while fewer than `rows` wait.
     Each row's `timing` gets its group's prefill time and its admission-to-stop time.
     Returns the figures: {"prefill_s", "decode_s", "steps", "rows", "positions", "most_live", "seconds"}."""
-    need = max(g.positions for g in groups)
-    if need > positions:
-        raise torch.cuda.OutOfMemoryError(f"a group needs {need} cache positions, {positions} fit in memory")
     sync()
     start = time.perf_counter()
     arena = Arena(model, positions)
-    decoder = Decoder(model, arena, rows, max(max(g.split, *map(g.own, g.rows)) for g in groups), eos_ids, graphs)
-    pending, free, live = deque(groups), list(range(rows))[::-1], {}  # live: decode position -> (row, region, group)
+    decoder = Decoder(model, arena, rows, positions, eos_ids, graphs)
+    pending, free, live = [], list(range(rows))[::-1], {}  # live: decode position -> (row, region, group)
     holders: dict[int, list] = {}  # id(group) -> [prefix start, rows still live]
-    prefill_s = steps = most = 0
+    prefill_s = steps = most = n = 0
+    exhausted = False
 
     def release(r: Row, own: int, g: Group) -> None:
         arena.give(own, g.own(r))
@@ -537,14 +561,32 @@ def run(model, groups: list[Group], positions: int, rows: int, stopper: Stopper,
         if not holder[1]:
             arena.give(holder[0], g.split)
             del holders[id(g)]
+        source.finished(r, g)
 
-    while pending or live:
+    while True:
+        if not exhausted and len(pending) < rows:
+            new = source.more(idle=not (pending or live))
+            exhausted = new is None
+            for g in planner.split_large(new or [], rows, positions):
+                if g.positions > positions:
+                    source.too_large(g, positions)
+                else:
+                    pending.append(g)
+            pending = planner.admission_order(pending)
+        if (given_back := source.cancelled()) is not None:
+            given_back.extend(pending)
+            pending, exhausted = [], True
+        if not (pending or live):
+            if exhausted:
+                break
+            continue
         while pending and len(pending[0].rows) <= len(free):
             g = pending[0]
             taken = arena.take_all([g.split] + [g.own(r) for r in g.rows])
             if taken is None:  # memory is full until live rows stop
                 break
-            pending.popleft()
+            pending.pop(0)
+            n += len(g.rows)
             prefix, owns = taken[0], taken[1:]
             holders[id(g)] = [prefix, len(g.rows)]
             t0 = time.perf_counter()
@@ -557,13 +599,11 @@ def run(model, groups: list[Group], positions: int, rows: int, stopper: Stopper,
                 r.timing.update(prefill_s=t1 - t0, admitted=t0)
                 stopper.push(r, token)
                 if r.done:
-                    release(r, own, g)
                     r.timing["seconds"] = time.perf_counter() - t0
+                    release(r, own, g)
                 else:
                     live[free.pop()] = (r, own, g, delta)
-        if not live:
-            if pending:  # nothing live, nothing admitted: the next group is larger than the arena
-                raise torch.cuda.OutOfMemoryError("no room for the next request in an empty cache")
+        if not live:  # an empty arena holds any group that passed too_large
             continue
         step = {i: (r.ids[-1], r.length + len(r.ids) - 1 + delta,
                     ((holders[id(g)][0], g.split), (own, r.length - g.split + len(r.ids) - 1)), r.forced)
@@ -576,13 +616,11 @@ def run(model, groups: list[Group], positions: int, rows: int, stopper: Stopper,
             if r.done:
                 del live[i]
                 free.append(i)
-                release(r, own, g)
                 r.timing["seconds"] = now - r.timing["admitted"]
+                release(r, own, g)
     sync()
     wall = time.perf_counter() - start
-    n = sum(len(g.rows) for g in groups)
-    log.info("decode: %d rows, %d groups, %d positions, up to %d of %d rows live, prefill %.2f s, %d steps, %.2f s in all%s",
-             n, len(groups), positions, most, rows, prefill_s, steps, wall, ", CUDA graph" if decoder.graphs else "")
+    log.info("decode: %d rows, %d positions, up to %d of %d rows live, prefill %.2f s, %d steps, %.2f s in all%s",
+             n, positions, most, rows, prefill_s, steps, wall, ", CUDA graph" if decoder.graphs else "")
     return {"prefill_s": prefill_s, "decode_s": wall - prefill_s, "steps": steps, "rows": n, "positions": positions,
             "most_live": most, "seconds": wall}
-

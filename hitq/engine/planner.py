@@ -64,8 +64,8 @@ def device_budget(model, device, max_rows: int, kv_budget_tokens: int | None = N
     if kv_budget_tokens is not None:
         return Budget(kv_budget_tokens * kv, kv, 0, max_rows)
     workspace = act + (kv if images else 0)
-    if device.type != "cuda":
-        return Budget(1 << 36, kv, workspace, max_rows)
+    if device.type != "cuda":  # CPU runs are tests and demos on the tiny model: 1 GiB of cache
+        return Budget(1 << 30, kv, workspace, max_rows)
     free, _ = torch.cuda.mem_get_info(device)
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return Budget(int((free + cached) * margin) - (1 << 30), kv, workspace, max_rows)

@@ -505,22 +505,18 @@ class TransformersEngine:
         stopper = fastgen.Stopper(self.tokenizer, self.eos_ids, answer_complete)
         kwarg = fastgen.cache_kwarg(self.model)
         positions = min(budget.positions(max(g.longest for g in groups)), sum(g.positions for g in groups))
-        order = planner.admission_order(planner.split_large(groups, budget.max_rows, positions))
         decode_rows = min(budget.max_rows, len(rows))
         outputs: dict[int, Output] = {}
         oom = None
         try:
             with torch.inference_mode():
-                timing = fastgen.run(self.model, order, positions, decode_rows, stopper, self.eos_ids,
+                timing = fastgen.run(self.model, fastgen.Batch(groups), positions, decode_rows, stopper, self.eos_ids,
                                      self.device, kwarg, lambda: _device_sync(self.device), self.cuda_graphs)
             reserved = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
-            for g in order:
+            extra = dict(timing, batch_size=decode_rows, max_memory_reserved=reserved, seconds_each=timing["seconds"] / timing["rows"])
+            for g in groups:
                 for r in g.rows:
-                    extra = dict(timing, input_tokens=r.prepared.count.tokens, shared_prefix=g.split if len(g.rows) > 1 else 0,
-                                 group_prefill_s=r.timing.get("prefill_s"), latency_s=r.timing.get("seconds"),
-                                 batch_size=decode_rows, max_memory_reserved=reserved, forced_length=r.forced)
-                    text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
-                    outputs[id(r.prepared)] = Output(r.prepared.key, text, len(r.ids), timing["seconds"] / timing["rows"], extra)
+                    outputs[id(r.prepared)] = self._output(r, g, extra)
         except Exception as e:  # noqa: BLE001
             if not _is_oom(e):
                 raise
@@ -531,6 +527,48 @@ class TransformersEngine:
                 torch.cuda.empty_cache()
             raise EngineOOM(f"out of memory on {self.device}: {sizes}: {oom}")
         return [outputs[id(p)] for p in batch]
+
+    def can_stream(self, settings: GenerationSettings) -> bool:
+        """Whether `stream` serves these settings (greedy on the fast path)."""
+        return self.fast and settings.temperature <= 0 and self.oom_injector is None
+
+    def stream(self, feed: Callable[[bool], list[Prepared] | None], done: Callable[[Prepared, Output | EngineOOM], None],
+               longest: int, images: bool, stopping: Callable[[], bool] = lambda: False) -> list[Prepared]:
+        """Greedy requests as they come, through one arena for the whole stream: `feed(idle)`
+        returns new requests ([] for none yet; with idle=True it waits), None when there are no
+        more; `done(request, Output or EngineOOM)` gets each request when it stops, the EngineOOM
+        when the request alone is larger than the arena. The arena is sized for prompts of up to
+        `longest` tokens (with `images`, transformers' prefill workspace). Once `stopping()`, no
+        request is started; the stream ends when the live ones stop, and returns the requests it
+        gives back unstarted. An out-of-memory error ends the
+        stream as EngineOOM; requests not yet done are then the caller's to retry."""
+        from hitq.engine import fastgen, planner
+
+        budget = planner.device_budget(self.model, self.device, self.max_batch_rows, self.kv_budget_tokens, images)
+        source = _Stream(self, feed, done, stopping)
+        stopper = fastgen.Stopper(self.tokenizer, self.eos_ids, answer_complete)
+        oom = None
+        try:
+            with torch.inference_mode():
+                source.timing = fastgen.run(self.model, source, budget.positions(longest), budget.max_rows, stopper, self.eos_ids,
+                                            self.device, fastgen.cache_kwarg(self.model), lambda: _device_sync(self.device), self.cuda_graphs)
+        except Exception as e:  # noqa: BLE001
+            if not _is_oom(e):
+                raise
+            oom = _one_line(e)
+        if oom is not None:
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise EngineOOM(f"out of memory on {self.device} in a stream: {oom}")
+        return [r.prepared for g in source.given_back for r in g.rows]
+
+    def _output(self, r, g, extra: dict) -> Output:
+        """A fast-path row as an Output."""
+        extra = dict(extra, input_tokens=r.prepared.count.tokens, shared_prefix=g.split if len(g.rows) > 1 else 0,
+                     group_prefill_s=r.timing.get("prefill_s"), latency_s=r.timing.get("seconds"), forced_length=r.forced)
+        return Output(r.prepared.key, self.tokenizer.decode(r.ids, skip_special_tokens=True), len(r.ids),
+                      extra.pop("seconds_each", None) or r.timing.get("seconds"), extra)
 
     def describe(self) -> dict:
         """Device name, library versions, dtype and attention kernel, for result rows and reports."""
@@ -553,3 +591,35 @@ class TransformersEngine:
                            else "fastgen (shared prefixes, continuous batching)") if self.fast else "model.generate",
             "parameters": sum(p.numel() for p in self.model.parameters()) if self.model is not None else None,
         }
+
+
+class _Stream:
+    """TransformersEngine.stream's source for fastgen.run (see fastgen.Batch)."""
+
+    def __init__(self, engine: TransformersEngine, feed, done, stopping):
+        self.engine, self.feed, self.done, self.stopping = engine, feed, done, stopping
+        self.given_back: list = []
+        self.timing: dict = {}
+
+    def more(self, idle: bool):
+        from hitq.engine import fastgen
+
+        batch = self.feed(idle)
+        if batch is None:
+            return None
+        e = self.engine
+        rows = [fastgen.Row(p, e.force_lengths.get(str(p.key), p.max_new_tokens), str(p.key) in e.force_lengths) for p in batch]
+        return fastgen.make_groups(rows, e.image_token_id)
+
+    def finished(self, row, group) -> None:
+        reserved = torch.cuda.max_memory_reserved(self.engine.device) if self.engine.device.type == "cuda" else None
+        self.done(row.prepared, self.engine._output(row, group, {"max_memory_reserved": reserved, "stream": True}))
+
+    def too_large(self, group, positions: int) -> None:
+        for r in group.rows:
+            self.done(r.prepared, EngineOOM(f"out of memory on {self.engine.device}: {r.prepared.count.tokens} prompt tokens "
+                                            f"+ {r.limit} new need {group.positions} cache positions, {positions} fit"))
+
+    def cancelled(self):
+        return self.given_back if self.stopping() else None
+

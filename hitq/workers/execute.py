@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hitq.benchmark import answer, prompts
@@ -18,6 +20,7 @@ from hitq.engine.base import GenerationSettings, ImageLimits, Output, Prepared
 from hitq.errors import BadFormat, EngineOOM, HitqError, JobError
 from hitq.jobqueue import Job, Queue, Run
 from hitq.runconfig import RunConfig
+from hitq.workers.stream import Feeder
 
 log = logging.getLogger("hitq.worker")
 LADDER = ((0.25, 0.5), (0.0625, 0.25))  # (pixel factor, token budget factor) of each OOM retry
@@ -71,6 +74,99 @@ class Executor:
                 self._fail(item, result, outcome)
             else:
                 self._answer(item, result, outcome)
+        return outcome
+
+    def streams(self) -> bool:
+        """Whether the engine can take this run's jobs as a stream (greedy fast path)."""
+        can = getattr(self.engine, "can_stream", None)
+        return bool(can and can(self.settings))
+
+    def run_stream(self, first: list[Job], claim: Callable[[int], list[Job]], hold: Callable[[list[Job]], None],
+                   stopping: Callable[[], bool], batch: int) -> dict[str, int]:
+        """Run `first` and every job `claim` gives after it through one engine stream: a Feeder
+        thread claims and prepares lots of batch / 4 jobs while the GPU generates (up to 2 x
+        batch claimed and unfinished), and each job is recorded as soon as its request stops. `hold`
+        gets the jobs in hand whenever they change (leases, the supervisor's view). Format
+        retries and the OOM ladder run one at a time after the stream. Once `stopping()`, no
+        job is started and the unstarted ones are released."""
+        outcome = {"done": 0, "error": 0, "rejected": 0}
+        lock, aborted = threading.Lock(), threading.Event()
+        in_hand: dict[int, Job] = {}
+        fed: dict = {}  # query id -> Item, handed to the engine
+        later: list[tuple[Item, Output | EngineOOM]] = []
+        lot = max(1, batch // 4)
+        pending_first = [first[i : i + lot] for i in range(0, len(first), lot)][::-1]
+
+        def held(add=(), drop=()) -> None:
+            with lock:
+                in_hand.update((j.id, j) for j in add)
+                for j in drop:
+                    in_hand.pop(j.id, None)
+                hold(list(in_hand.values()))
+
+        def claim_lot(n: int) -> list[Job]:
+            jobs = pending_first.pop() if pending_first else claim(n)
+            held(add=jobs)
+            return jobs
+
+        def prepare(job: Job) -> Item | None:
+            item = Item(job, query_of(job), self.config)
+            if self._prepare(item):
+                return item
+            held(drop=[job])
+            return None
+
+        feeder = Feeder(claim_lot, prepare, lot, 2 * batch, lambda: stopping() or aborted.is_set())
+
+        def give_back(jobs: list[Job]) -> None:
+            if jobs:
+                self.queue.release(jobs, self.worker)
+                held(drop=jobs)
+                feeder.finished(len(jobs))
+
+        def feed(idle: bool) -> list[Prepared] | None:
+            got = feeder.take(idle)
+            if got is None:
+                return None
+            items, given_back = got
+            give_back(given_back)
+            fed.update((i.job.query_id, i) for i in items)
+            return [i.prepared for i in items]
+
+        def done(prepared: Prepared, result: Output | EngineOOM) -> None:
+            item = fed.pop(prepared.key)
+            if isinstance(result, EngineOOM) or (self.config.format_retries and answer.extract(result.text) is None):
+                later.append((item, result))
+                return
+            self._answer(item, result, outcome)
+            held(drop=[item.job])
+            feeder.finished()
+
+        feeder.start()
+        try:
+            unstarted = self.engine.stream(feed, done, self.config.max_input_tokens, self.config.modality != "text",
+                                           lambda: stopping() or aborted.is_set())
+            give_back([fed.pop(p.key).job for p in unstarted])
+        except EngineOOM as e:  # the stream ran out of memory: what it held goes the one-batch way
+            log.warning("stream: %s: %d requests continue in batches", e, len(fed), extra={"action": "oom_split"})
+            aborted.set()
+            later += [(item, None) for item in fed.values()]
+            fed.clear()
+        finally:
+            aborted.set()
+            feeder.join()
+        while (got := feeder.take(False)) is not None:  # prepared, never fed: back to the queue
+            give_back([i.job for i in got[0]] + got[1])
+        again = self._generate([item for item, result in later if result is None])
+        for item, result in again + [(i, self._ladder(i, r) if isinstance(r, EngineOOM) else r) for i, r in later if r is not None]:
+            if isinstance(result, JobError):
+                self._fail(item, result, outcome)
+            else:
+                self._answer(item, result, outcome)
+            held(drop=[item.job])
+        if in_hand:  # nothing should be left; if it were, its lease must not be extended forever
+            log.warning("stream: %d jobs left in hand: released", len(in_hand), extra={"action": "released"})
+            give_back(list(in_hand.values()))
         return outcome
 
     # -- steps ---------------------------------------------------------------------------------

@@ -153,20 +153,47 @@ class Worker:
                         break
                     time.sleep(self.spec.poll_s)
                     continue
-                self.in_hand = jobs
-                heartbeat.hold(jobs)
-                self._mark(jobs)
-                outcome = self._executor(jobs[0].run_id).run_batch(jobs)
-                log.info("batch of %d: %s", len(jobs), outcome, extra={"action": "batch_done"})
-                done += len(jobs)
-                self.in_hand = []
-                heartbeat.hold([])
-                self._mark([])
+                hold = self._holder(heartbeat)
+                hold(jobs)
+                executor = self._executor(jobs[0].run_id)
+                if executor.streams() and self.spec.batch_size > 1:
+                    claimed = [len(jobs)]
+                    outcome = executor.run_stream(jobs, self._claimer(jobs[0].run_id, done, claimed), hold,
+                                                  lambda: self.stop_requested, self.spec.batch_size)
+                    log.info("stream of %d: %s", claimed[0], outcome, extra={"action": "batch_done"})
+                    done += claimed[0]
+                else:
+                    outcome = executor.run_batch(jobs)
+                    log.info("batch of %d: %s", len(jobs), outcome, extra={"action": "batch_done"})
+                    done += len(jobs)
+                hold([])
         finally:
             heartbeat.stopped.set()
             self.queue.release(self.in_hand, self.id)
             self.queue.set_worker_state(self.id, "stopped")
         return 0
+
+    def _holder(self, heartbeat: Heartbeat):
+        """hold(jobs): these are the jobs in hand now (leases extended, released on a second
+        SIGTERM, shown to the supervisor)."""
+        def hold(jobs) -> None:
+            self.in_hand = list(jobs)
+            heartbeat.hold(jobs)
+            self._mark(jobs)
+        return hold
+
+    def _claimer(self, run_id: int, done: int, claimed: list[int]):
+        """claim(n) for a stream: up to n more jobs of `run_id`, none once stopping or at
+        max_jobs; claimed[0] counts them (the first lot included)."""
+        def claim(n: int) -> list:
+            if self.spec.max_jobs is not None:
+                n = min(n, self.spec.max_jobs - done - claimed[0])
+            if self.stop_requested or n <= 0:
+                return []
+            jobs = self.queue.claim(self.id, n, self.spec.lease_s, [run_id])
+            claimed[0] += len(jobs)
+            return jobs
+        return claim
 
     def _mark(self, jobs) -> None:
         """Tell the supervisor what is in hand: [start time, n, id1, fence1, id2, fence2, …]."""

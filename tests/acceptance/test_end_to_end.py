@@ -114,28 +114,35 @@ def test_single_job_oom_then_smaller_succeeds(tmp_path, tiny, data, env):
     assert [s["error"] is None for s in row["details"]["oom_ladder"]] == [False, True]
 
 
-def test_format_retry_cap(tmp_path, data, env):
+@pytest.mark.parametrize("stream", ["false", "true"])
+def test_format_retry_cap_and_oom_in_batches_and_streams(tmp_path, data, env, stream):
+    """Format retries and the OOM ladder, in a batch and after a stream (run one at a time)."""
     db = f"sqlite:///{tmp_path / 'h.db'}"
-    hitq("enqueue", "--data", data, "--modality", "text", "--format", "csv", "--ids", "1-3", "--engine", "fake",
-         "--engine-opt", "noanswer=2", "--format-retries", "2", "--run", "r", "--db", db)
-    hitq("work", "--gpu", "cpu", "--drain", "--poll-seconds", "0.1", "--db", db, env=env)
+    hitq("enqueue", "--data", data, "--modality", "text", "--format", "csv", "--ids", "1-4", "--engine", "fake",
+         "--engine-opt", "noanswer=2", "--engine-opt", "oom=4", "--engine-opt", f"stream={stream}",
+         "--format-retries", "2", "--run", "r", "--db", db)
+    out = hitq("work", "--gpu", "cpu", "--drain", "--batch-size", "2", "--poll-seconds", "0.1", "--db", db, env=env)
+    assert ("stream of 4:" in out.stderr) == (stream == "true")
     rows = {r["query_id"]: r for r in open_queue(db).result_rows("r")}
     assert rows[2]["status"] == "error" and rows[2]["error_kind"] == "bad_format"
     assert rows[2]["raw_output"].count("=== retry ===") == 2 and "after 3 tries" in rows[2]["error_message"]
+    assert rows[4]["status"] == "error" and rows[4]["error_kind"] == "oom" and len(rows[4]["details"]["oom_ladder"]) == 3
     assert rows[1]["status"] == rows[3]["status"] == "done"
 
 
 def test_fast_path_through_the_queue_gives_the_answers_of_generate(tmp_path, tiny, data, env):
     """One worker drains two runs of the same queries: one through model.generate, one through
-    the fast path (shared prefixes, continuous batching); every raw output is the same."""
+    the fast path as a stream (jobs claimed 4, then 1 at a time while rows decode; shared
+    prefixes, continuous batching); every raw output is the same."""
     db = f"sqlite:///{tmp_path / 'h.db'}"
     for name, opts in (("slow", []), ("fast", ["--engine-opt", "fast=true"])):
         for modality in ("text", "mix"):
             hitq("enqueue", "--data", data, "--model", tiny, "--modality", modality, "--format", "html", "--ids", "1-6",
                  "--max-input-tokens", "3000", "--max-new-tokens", "24", "--format-retries", "0",
                  "--run", f"{name}_{modality}", *opts, "--db", db)
-    out = hitq("work", "--gpu", "cpu", "--drain", "--batch-size", "6", "--poll-seconds", "0.1", "--db", db, env=env, timeout=600)
-    assert "decode: 6 rows" in out.stdout + out.stderr  # the fast path's own log line: it did run
+    out = hitq("work", "--gpu", "cpu", "--drain", "--batch-size", "4", "--poll-seconds", "0.1", "--db", db, env=env, timeout=600)
+    log = out.stdout + out.stderr
+    assert log.count("stream of 6:") == 2 and log.count("decode: 6 rows") == 2  # the fast path streamed each run
     q = open_queue(db)
     for modality in ("text", "mix"):
         slow = {r["query_id"]: r for r in q.result_rows(f"slow_{modality}")}

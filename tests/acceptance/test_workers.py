@@ -7,29 +7,35 @@ import signal
 import time
 from collections import Counter
 
+import pytest
+
 from hitq.jobqueue import open_queue
 from tests.acceptance.conftest import enqueue_fake, hitq, running_job, start_workers, stop, wait_for, write_many
 
 
 def exactly_once(db_url, run="r"):
-    """Every job done once: one `finished` event each, and claims == attempts."""
+    """Every job done once: one `finished` event each, and claims - releases == attempts (a job
+    claimed and given back unstarted, as a stopping stream does, costs no attempt)."""
     q = open_queue(db_url)
     run_id = q.get_run(run).id
     rows = q.result_rows(run)
     events = q.event_log(run_id)
     finished = Counter(e["job_id"] for e in events if e["kind"] == "finished")
     claims = Counter(e["job_id"] for e in events if e["kind"] == "claimed")
+    claims.subtract(e["job_id"] for e in events if e["kind"] == "released")
     assert all(r["status"] == "done" for r in rows), Counter(r["status"] for r in rows)
     assert all(finished[r["id"]] == 1 for r in rows)
     assert all(claims[r["id"]] == r["attempts"] for r in rows)
     return rows, events
 
 
-def test_eight_workers_drain_3000_jobs_exactly_once(db_url, tmp_path, env):
+@pytest.mark.parametrize("stream", ["false", "true"])
+def test_eight_workers_drain_3000_jobs_exactly_once(db_url, tmp_path, env, stream):
     data = write_many(tmp_path / "data", 3000)
-    enqueue_fake(data, db_url)
+    enqueue_fake(data, db_url, f"stream={stream}")
     out = hitq("work", "--gpu", "cpu", "--procs", "8", "--drain", "--batch-size", "4", "--poll-seconds", "0.1", "--db", db_url, env=env)
     assert "done 3000/3000" in out.stderr
+    assert ("stream of" in out.stderr) == (stream == "true")
     rows, events = exactly_once(db_url)
     assert len(rows) == 3000 and all(r["attempts"] == 1 for r in rows)
     assert not [e for e in events if e["kind"] == "rejected"]
@@ -73,9 +79,12 @@ def test_worker_paused_past_its_lease_cannot_overwrite(db_url, tmp_path, env):
     assert {r["id"]: r for r in rows}[victim["id"]]["attempts"] == 2
 
 
-def test_sigterm_finishes_or_releases_and_exits_0(db_url, tmp_path, env):
+@pytest.mark.parametrize("stream", ["false", "true"])
+def test_sigterm_finishes_or_releases_and_exits_0(db_url, tmp_path, env, stream):
+    """Batches, and streams (jobs claimed by a feeder thread while others run): what was started
+    finishes, what was claimed and not started goes back; a second drain does the rest once."""
     data = write_many(tmp_path / "data", 40)
-    enqueue_fake(data, db_url, "delay_s=0.3")
+    enqueue_fake(data, db_url, "delay_s=0.3", f"stream={stream}")
     proc = start_workers(db_url, env, 2, None, False, "--batch-size", "3")
     q = open_queue(db_url)
     wait_for(lambda: q.stats(q.get_run("r"))["counts"]["done"] >= 4)

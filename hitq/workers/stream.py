@@ -1,0 +1,94 @@
+"""Claim and prepare jobs on a thread while the GPU generates (Executor.run_stream).
+
+The engine's stream asks for work between decode steps; a Feeder has it ready: it claims a lot
+of jobs whenever fewer than `backlog` are claimed and unfinished, prepares them (fitting,
+tokenising, images: CPU work, mostly in the tokenizer's Rust code with the GIL released) and
+queues them. A lot that ends inside a prefix group keeps the group's claimed jobs back for the
+next lot, so the group is prefilled once. Errors of the thread (the database away) reach the
+main thread at its next `take`.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+
+class Feeder(threading.Thread):
+    def __init__(self, claim: Callable[[int], list], prepare: Callable[[object], object | None],
+                 lot: int, backlog: int, stopping: Callable[[], bool]):
+        """claim(n) -> up to n jobs ([] when none are left); prepare(job) -> a prepared Item, or
+        None when the job failed (recorded by `prepare`)."""
+        super().__init__(daemon=True, name="hitq-feeder")
+        self.claim, self.prepare, self.lot, self.backlog, self.stopping = claim, prepare, lot, backlog, stopping
+        self.ready: queue.Queue = queue.Queue()
+        self.unfinished = 0  # claimed, not yet finished or given back
+        self.lock = threading.Lock()
+        self.room = threading.Condition(self.lock)
+        self.error: BaseException | None = None
+        self.ended = False  # the end mark was taken
+
+    def finished(self, n: int = 1) -> None:
+        with self.room:
+            self.unfinished -= n
+            self.room.notify()
+
+    def run(self) -> None:
+        held: list = []  # the last prefix group of a lot, waiting for the rest of its jobs
+        try:
+            while not self.stopping():
+                with self.room:
+                    while self.unfinished >= self.backlog and not self.stopping():
+                        self.room.wait(0.5)
+                new = [] if self.stopping() else self.claim(self.lot)
+                with self.lock:
+                    self.unfinished += len(new)
+                if not new:
+                    break
+                jobs, held = held + new, []
+                tail = [j for j in jobs if j.prefix_key is not None and j.prefix_key == jobs[-1].prefix_key]
+                if 0 < len(tail) < len(jobs):
+                    jobs, held = jobs[: -len(tail)], tail
+                self._prepare(jobs)
+            if self.stopping():
+                self.ready.put(("given_back", held))
+            else:
+                self._prepare(held)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
+        finally:
+            self.ready.put(("end", None))
+
+    def _prepare(self, jobs: list) -> None:
+        """Queue the lot as one entry: a prefix group must reach the engine in one piece."""
+        items = []
+        for job in jobs:
+            item = self.prepare(job)
+            if item is None:
+                self.finished()
+            else:
+                items.append(item)
+        self.ready.put(("items", items))
+
+    def take(self, wait: bool) -> tuple[list, list] | None:
+        """(prepared items, jobs given back) queued so far; with wait, at least one of either
+        unless the feeder ends. None once it has ended and everything was taken."""
+        items, given_back = [], []
+        while not (self.ended and self.ready.empty()):
+            try:
+                kind, value = self.ready.get(block=wait and not (items or given_back), timeout=0.5)
+            except queue.Empty:
+                if self.error is None and wait and not (items or given_back):
+                    continue
+                break
+            if kind == "items":
+                items.extend(value)
+            elif kind == "given_back":
+                given_back.extend(value)
+            else:
+                self.ended = True
+        if self.error is not None:
+            raise self.error
+        if self.ended and not (items or given_back):
+            return None
+        return items, given_back

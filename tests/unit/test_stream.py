@@ -1,0 +1,66 @@
+"""The stream's Feeder thread: lots claimed while others run, prefix groups kept whole, stop
+gives back what was not handed out, errors reach the taker."""
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from hitq.workers.stream import Feeder
+
+KEYS = ["a", "a", "b", "b", "b", "c", "d", "d", None, None]
+
+
+def _claims(keys, lot_log):
+    jobs = [SimpleNamespace(id=i, prefix_key=k) for i, k in enumerate(keys)]
+
+    def claim(n):
+        got, jobs[:] = jobs[:n], jobs[n:]
+        lot_log.append(len(got))
+        return got
+    return claim
+
+
+def _drain(feeder):
+    entries = []
+    while (got := feeder.take(True)) is not None:
+        entries.append(got)
+        feeder.finished(len(got[0]))
+    return entries
+
+
+def test_lots_keep_prefix_groups_whole_and_failed_jobs_are_counted():
+    lots: list[int] = []
+    feeder = Feeder(_claims(KEYS, lots), lambda job: None if job.id == 5 else job, lot=3, backlog=100, stopping=lambda: False)
+    feeder.start()
+    entries = _drain(feeder)
+    feeder.join()
+    handed = [[j.id for j in items] for items, _ in entries if items]
+    assert sorted(i for ids in handed for i in ids) == [0, 1, 2, 3, 4, 6, 7, 8, 9]  # job 5 failed in prepare
+    for ids in handed:  # a group never spans two hand-outs
+        keys = {KEYS[i] for i in ids if KEYS[i]}
+        assert all(sum(KEYS[i] == k for i in ids) == KEYS.count(k) for k in keys)
+    assert lots == [3, 3, 3, 1, 0] and feeder.unfinished == 0
+
+
+def test_backlog_bounds_claims_and_stop_gives_back_the_held_group():
+    lots: list[int] = []
+    stop = threading.Event()
+    feeder = Feeder(_claims(KEYS, lots), lambda job: job, lot=3, backlog=3, stopping=stop.is_set)
+    feeder.start()
+    items, given_back = feeder.take(True)
+    assert [j.id for j in items] == [0, 1] and lots == [3]  # b is held for its other jobs; 3 claimed >= backlog
+    stop.set()
+    rest = _drain(feeder)
+    assert [j.id for _, back in rest for j in back] == [2] and lots == [3]
+
+
+def test_an_error_of_the_thread_reaches_the_taker():
+    def claim(n):
+        raise RuntimeError("database away")
+
+    feeder = Feeder(claim, lambda job: job, lot=2, backlog=4, stopping=lambda: False)
+    feeder.start()
+    with pytest.raises(RuntimeError, match="database away"):
+        feeder.take(True)
