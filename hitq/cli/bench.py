@@ -25,7 +25,7 @@ DEFAULT_REFERENCE = "../shared/reference-runs/qwen3-vl-8b-text_html/results.json
 @click.option("--reference", default=DEFAULT_REFERENCE, show_default=True, help="Reference results.json (answer lengths).")
 @click.option("--baseline-n", type=int, help="Time the baseline on this many of the queries (spread over prompt lengths).")
 @click.option("--claim", default=GPU_BATCH, show_default=True,
-              help="The worker's --batch-size (hitq work's default on a GPU): it streams, claiming a quarter at a time.")
+              help="The worker's --batch-size (hitq work's default on a GPU): it streams, claiming an eighth at a time.")
 @click.option("--out", "out_path", help="Write the JSON here too.")
 @click.option("--table-first", is_flag=True, help="Both paths use the opt-in table-first prompt layout (labelled in the JSON).")
 @click.option("--write-subset", help="Only copy the sampled tables (+ rendered images) to this folder, then exit (CPU).")

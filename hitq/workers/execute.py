@@ -84,8 +84,10 @@ class Executor:
     def run_stream(self, first: list[Job], claim: Callable[[int], list[Job]], hold: Callable[[list[Job]], None],
                    stopping: Callable[[], bool], batch: int) -> dict[str, int]:
         """Run `first` and every job `claim` gives after it through one engine stream: a Feeder
-        thread claims and prepares lots of batch / 4 jobs while the GPU generates (up to 2 x
-        batch claimed and unfinished), and each job is recorded as soon as its request stops. `hold`
+        thread claims and prepares lots of batch / 8 jobs while the GPU generates (up to `batch`
+        claimed and unfinished: enough to fill the decode rows and the KV arena, few enough
+        that workers on several GPUs run out of work together), and each job is recorded as
+        soon as its request stops. `hold`
         gets the jobs in hand whenever they change (leases, the supervisor's view). Format
         retries and the OOM ladder run one at a time after the stream. Once `stopping()`, no
         job is started and the unstarted ones are released."""
@@ -94,7 +96,7 @@ class Executor:
         in_hand: dict[int, Job] = {}
         fed: dict = {}  # query id -> Item, handed to the engine
         later: list[tuple[Item, Output | EngineOOM]] = []
-        lot = max(1, batch // 4)
+        lot = max(1, batch // 8)
         pending_first = [first[i : i + lot] for i in range(0, len(first), lot)][::-1]
 
         def held(add=(), drop=()) -> None:
@@ -116,7 +118,7 @@ class Executor:
             held(drop=[job])
             return None
 
-        feeder = Feeder(claim_lot, prepare, lot, 2 * batch, lambda: stopping() or aborted.is_set())
+        feeder = Feeder(claim_lot, prepare, lot, batch, lambda: stopping() or aborted.is_set())
 
         def give_back(jobs: list[Job]) -> None:
             if jobs:
