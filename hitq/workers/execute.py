@@ -137,12 +137,12 @@ class Executor:
 
         def done(prepared: Prepared, result: Output | EngineOOM) -> None:
             item = fed.pop(prepared.key)
+            feeder.finished()  # out of the stream: room for another job
             if isinstance(result, EngineOOM) or (self.config.format_retries and answer.extract(result.text) is None):
-                later.append((item, result))
+                later.append((item, result))  # still in hand, run after the stream
                 return
             self._answer(item, result, outcome)
             held(drop=[item.job])
-            feeder.finished()
 
         feeder.start()
         try:
