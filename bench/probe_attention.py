@@ -9,25 +9,16 @@
 """
 import json
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from hitq.engine.measure import clock
+
 dev, dt = "cuda", torch.bfloat16
 out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
        "schema": str(torch.ops.aten._flash_attention_forward.default._schema)}
-
-
-def clock(fn, n=20):
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n
 
 
 # 1. decode: B rows, lengths ~ U(2k, 30k), arena of their exact sizes vs padded slots
@@ -64,7 +55,7 @@ try:
         want = (p @ v.float()).reshape(Hq, D)
         worst = max(worst, float((got[b].float() - want).abs().max()))
     res["max_abs_error"] = worst
-    res["ms"] = clock(varlen) * 1e3
+    res["ms"] = clock(varlen, 20) * 1e3
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -77,7 +68,7 @@ try:
     g.replay()
     torch.cuda.synchronize()
     res["graph_ok"] = bool(torch.isfinite(o).all())
-    res["graph_ms"] = clock(g.replay) * 1e3
+    res["graph_ms"] = clock(g.replay, 20) * 1e3
 except Exception as e:  # noqa: BLE001
     res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
 kv_bytes = int(lengths.sum()) * Hkv * D * 2 * 2
@@ -96,7 +87,7 @@ def padded():
     return torch.matmul(torch.softmax(sc, -1, dtype=torch.float32).to(dt), slots_v)
 
 
-res["padded_matmul_ms"] = clock(padded) * 1e3
+res["padded_matmul_ms"] = clock(padded, 20) * 1e3
 out["decode"] = res
 del slots_k, slots_v, arena_k, arena_v
 
@@ -133,7 +124,7 @@ for L in (16384, 65536):
         pre[f"flash_varlen_causal_{L}"] = f"{type(e).__name__}: {str(e)[:120]}"
 a = torch.randn(16384, 4096, device=dev, dtype=dt)
 w = torch.randn(12288, 4096, device=dev, dtype=dt)
-pre["matmul_16k_x_4096_x_12288"] = round(2 * 16384 * 4096 * 12288 / clock(lambda: a @ w.T) / 1e12, 1)
+pre["matmul_16k_x_4096_x_12288"] = round(2 * 16384 * 4096 * 12288 / clock(lambda: a @ w.T, 20) / 1e12, 1)
 out["prefill_tflops"] = pre
 json.dump(out, sys.stdout, indent=1)
 print()

@@ -9,25 +9,16 @@ with cuDNN first and with each backend alone, and checks cuDNN against flash.
 """
 import json
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from hitq.engine.measure import clock
+
 dev, dt, Hq, Hkv, D = "cuda", torch.bfloat16, 32, 8, 128
 PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
-
-
-def clock(fn, n=5):
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n
 
 
 for T in (4096, 16384, 65536):

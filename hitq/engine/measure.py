@@ -1,4 +1,4 @@
-"""Device-side measurement for `hitq bench`: synchronised clocks, peak memory, the predecessor's
+"""Device-side measurement for `hitq bench` and the probes: synchronised clocks, peak memory, the predecessor's
 one-query `generate` call, the fast path's logit check and library versions. The bench glue
 (hitq/workers/bench.py) calls these so that only hitq/engine imports torch and transformers."""
 from __future__ import annotations
@@ -12,6 +12,19 @@ def sync() -> None:
     """Wait for queued GPU work before a clock is read."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def clock(fn, n: int = 5) -> float:
+    """Seconds per call of fn, after one warm-up call, the GPU synchronised at both ends (probes)."""
+    import time
+
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / n
 
 
 def release() -> None:

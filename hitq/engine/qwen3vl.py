@@ -506,27 +506,31 @@ class TransformersEngine:
         kwarg = fastgen.cache_kwarg(self.model)
         positions = min(budget.positions(max(g.longest for g in groups)), sum(g.positions for g in groups))
         decode_rows = min(budget.max_rows, len(rows))
-        outputs: dict[int, Output] = {}
-        oom = None
-        try:
+
+        def run() -> dict:
             with torch.inference_mode():
-                timing = fastgen.run(self.model, fastgen.Batch(groups), positions, decode_rows, stopper, self.eos_ids,
-                                     self.device, kwarg, lambda: _device_sync(self.device), self.cuda_graphs)
-            reserved = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
-            extra = dict(timing, batch_size=decode_rows, max_memory_reserved=reserved, seconds_each=timing["seconds"] / timing["rows"])
-            for g in groups:
-                for r in g.rows:
-                    outputs[id(r.prepared)] = self._output(r, g, extra)
+                return fastgen.run(self.model, fastgen.Batch(groups), positions, decode_rows, stopper, self.eos_ids,
+                                   self.device, kwarg, lambda: _device_sync(self.device), self.cuda_graphs)
+
+        timing = self._oom_as_engine_oom(run, sizes)
+        reserved = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
+        extra = dict(timing, batch_size=decode_rows, max_memory_reserved=reserved)
+        outputs = {id(r.prepared): self._output(r, g, extra, timing["seconds"] / timing["rows"]) for g in groups for r in g.rows}
+        return [outputs[id(p)] for p in batch]
+
+    def _oom_as_engine_oom(self, fn: Callable[[], Any], what: str) -> Any:
+        """fn(); an out-of-memory error becomes EngineOOM once the memory it held is freed
+        (outside the except block, whose traceback would keep the tensors alive)."""
+        try:
+            return fn()
         except Exception as e:  # noqa: BLE001
             if not _is_oom(e):
                 raise
             oom = _one_line(e)
-        if oom is not None:
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise EngineOOM(f"out of memory on {self.device}: {sizes}: {oom}")
-        return [outputs[id(p)] for p in batch]
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise EngineOOM(f"out of memory on {self.device}: {what}: {oom}")
 
     def can_stream(self, settings: GenerationSettings) -> bool:
         """Whether `stream` serves these settings (greedy on the fast path)."""
@@ -547,28 +551,20 @@ class TransformersEngine:
         budget = planner.device_budget(self.model, self.device, self.max_batch_rows, self.kv_budget_tokens, images)
         source = _Stream(self, feed, done, stopping)
         stopper = fastgen.Stopper(self.tokenizer, self.eos_ids, answer_complete)
-        oom = None
-        try:
+
+        def run() -> dict:
             with torch.inference_mode():
-                source.timing = fastgen.run(self.model, source, budget.positions(longest), budget.max_rows, stopper, self.eos_ids,
-                                            self.device, fastgen.cache_kwarg(self.model), lambda: _device_sync(self.device), self.cuda_graphs)
-        except Exception as e:  # noqa: BLE001
-            if not _is_oom(e):
-                raise
-            oom = _one_line(e)
-        if oom is not None:
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise EngineOOM(f"out of memory on {self.device} in a stream: {oom}")
+                return fastgen.run(self.model, source, budget.positions(longest), budget.max_rows, stopper, self.eos_ids,
+                                   self.device, fastgen.cache_kwarg(self.model), lambda: _device_sync(self.device), self.cuda_graphs)
+
+        self._oom_as_engine_oom(run, "in a stream")
         return [r.prepared for g in source.given_back for r in g.rows]
 
-    def _output(self, r, g, extra: dict) -> Output:
+    def _output(self, r, g, extra: dict, seconds: float) -> Output:
         """A fast-path row as an Output."""
         extra = dict(extra, input_tokens=r.prepared.count.tokens, shared_prefix=g.split if len(g.rows) > 1 else 0,
                      group_prefill_s=r.timing.get("prefill_s"), latency_s=r.timing.get("seconds"), forced_length=r.forced)
-        return Output(r.prepared.key, self.tokenizer.decode(r.ids, skip_special_tokens=True), len(r.ids),
-                      extra.pop("seconds_each", None) or r.timing.get("seconds"), extra)
+        return Output(r.prepared.key, self.tokenizer.decode(r.ids, skip_special_tokens=True), len(r.ids), seconds, extra)
 
     def describe(self) -> dict:
         """Device name, library versions, dtype and attention kernel, for result rows and reports."""
@@ -599,7 +595,6 @@ class _Stream:
     def __init__(self, engine: TransformersEngine, feed, done, stopping):
         self.engine, self.feed, self.done, self.stopping = engine, feed, done, stopping
         self.given_back: list = []
-        self.timing: dict = {}
 
     def more(self, idle: bool):
         from hitq.engine import fastgen
@@ -613,7 +608,7 @@ class _Stream:
 
     def finished(self, row, group) -> None:
         reserved = torch.cuda.max_memory_reserved(self.engine.device) if self.engine.device.type == "cuda" else None
-        self.done(row.prepared, self.engine._output(row, group, {"max_memory_reserved": reserved, "stream": True}))
+        self.done(row.prepared, self.engine._output(row, group, {"max_memory_reserved": reserved, "stream": True}, row.timing["seconds"]))
 
     def too_large(self, group, positions: int) -> None:
         for r in group.rows:

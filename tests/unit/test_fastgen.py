@@ -158,3 +158,20 @@ def test_suffix_attention_merges_prefix_and_causal_own_region(monkeypatch):
     monkeypatch.setattr(fastgen, "_flash", lambda q, k, v, *a: _flash_on_cpu(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), *a))
     got = fastgen._attend_suffix(q, k, v, where, D**-0.5)
     assert torch.allclose(got, fastgen._attend_reference(q, k, v, where, D**-0.5), atol=1e-5)
+
+
+def test_out_of_memory_in_the_fast_path_or_a_stream_is_engine_oom(engines, monkeypatch):
+    from hitq.engine import fastgen
+    from hitq.errors import EngineOOM
+
+    fast, _, picture = engines
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fastgen, "run", no_memory)
+    batch = _requests(fast, picture)[:2]
+    with pytest.raises(EngineOOM, match=r"out of memory on cpu: batch of 2, .*: OutOfMemoryError: CUDA out of memory"):
+        fast.generate(batch, GREEDY)
+    with pytest.raises(EngineOOM, match="out of memory on cpu: in a stream: OutOfMemoryError: CUDA out of memory"):
+        fast.stream(lambda idle: None, lambda p, out: None, 1000, images=False)
