@@ -87,15 +87,14 @@ class Executor:
         thread claims and prepares lots of batch / 8 jobs while the GPU generates (up to `batch`
         claimed and unfinished: enough to fill the decode rows and the KV arena, few enough
         that workers on several GPUs run out of work together), and each job is recorded as
-        soon as its request stops. `hold`
-        gets the jobs in hand whenever they change (leases, the supervisor's view). Format
-        retries and the OOM ladder run one at a time after the stream. Once `stopping()`, no
-        job is started and the unstarted ones are released."""
+        soon as its request stops. `hold` gets the jobs in hand whenever they change (leases,
+        the supervisor's view). Format retries and the OOM ladder run one at a time after the
+        stream. Once `stopping()`, no job is started and the unstarted ones are released."""
         outcome = {"done": 0, "error": 0, "rejected": 0}
         lock, aborted = threading.Lock(), threading.Event()
         in_hand: dict[int, Job] = {}
         fed: dict = {}  # query id -> Item, handed to the engine
-        later: list[tuple[Item, Output | EngineOOM]] = []
+        later: list[tuple[Item, Output | EngineOOM | None]] = []  # None: to run again (the stream ran out of memory)
         lot = max(1, batch // 8)
         pending_first = [first[i : i + lot] for i in range(0, len(first), lot)][::-1]
 
