@@ -73,21 +73,27 @@ def sqlite_path(db_url: str) -> str:
 
 
 def hold_sqlite_lock(db_url: str, seconds: float) -> threading.Thread:
-    """Hold `BEGIN EXCLUSIVE` on the SQLite file for `seconds` (in a thread; returns it started)."""
+    """Hold `BEGIN EXCLUSIVE` on the SQLite file for `seconds` (in a thread; returns it started,
+    with `.locked` telling whether it got the lock: under chaos the workers can keep it busy
+    past the 30 s wait, and then there is simply no outage this time)."""
     ready = threading.Event()
 
     def hold():
         conn = sqlite3.connect(sqlite_path(db_url), isolation_level=None, timeout=30)
         try:
             conn.execute("BEGIN EXCLUSIVE")
+            thread.locked = True
             ready.set()
             time.sleep(seconds)
             conn.execute("COMMIT")
+        except sqlite3.OperationalError:  # "database is locked": never got it
+            pass
         finally:
             ready.set()
             conn.close()
 
     thread = threading.Thread(target=hold, daemon=True)
+    thread.locked = False
     thread.start()
     ready.wait(35)
     return thread

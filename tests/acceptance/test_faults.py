@@ -162,6 +162,7 @@ def test_worker_restarted_while_the_database_is_away_waits_for_it(tmp_path, env)
     lock = hold_sqlite_lock(db_url, 4.0)  # the supervisor restarts the victim after 1 s: still locked
     os.kill(victim, signal.SIGKILL)
     lock.join()
+    assert lock.locked
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "died (exit -9): restarting" in out and "a restart cannot fix" not in out and "worker stopped" not in out
