@@ -39,7 +39,7 @@ forced = {str(q.id): min(lengths.get(q.id, median), prompts.default_max_new_toke
 config = RunConfig(modality="text", format="html", data_dir=str(Path(args.data).resolve()), model_dir=str(Path(args.model).resolve()),
                    format_retries=0, extra={"bench": True, "engine_opts": {"random_weights": True, "force_lengths": forced}})
 config = RunConfig(**{**config.to_json(), "prompts_hash": prompts.load_prompt_set(config.prompts).sha256})
-out = {"queries": len(queries), "tables": len({q.file_name for q in queries}), "forced_output_tokens": sum(forced.values())}
+out = {"command": "python bench/gpu_scaling.py " + " ".join(sys.argv[1:]), "queries": len(queries), "tables": len({q.file_name for q in queries}), "forced_output_tokens": sum(forced.values())}
 
 with tempfile.TemporaryDirectory() as tmp:
     url = f"sqlite:///{tmp}/scaling.db"

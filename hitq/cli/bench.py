@@ -53,6 +53,7 @@ def bench(model_dir, data_dir, n, seed, modality, fmt, out_len, reference, basel
     queries = core.sample_queries(data_dir, n, seed, fmt)
     lengths = core.reference_lengths(reference, measure.tokenizer(model_dir))
     result = core.run(model_dir, data_dir, queries, lengths, modality, fmt, baseline_n, claim, out_len, table_first=table_first)
+    result["command"] = " ".join(["hitq", *sys.argv[1:]])  # what made this JSON
     text = json.dumps(result, indent=2, default=str)
     if out_path:
         write_atomic(out_path, text + "\n")
