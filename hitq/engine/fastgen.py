@@ -260,9 +260,9 @@ def _attend_decode(q, k, v, where: Where, scale) -> torch.Tensor:
 
 
 def _attend_first(q, k, v, where: Where, scale) -> torch.Tensor:
-    """A prefix's own tokens, nothing before them (one row): causal sdpa over the new K/V, which
-    picks cuDNN's or flash's fused kernel on CUDA (bench/probe-attention-h200.json: cuDNN ran
-    causal prefill at ~650 TFLOP/s on an H200, flash at ~345)."""
+    """A prefix's own tokens, nothing before them (one row): causal sdpa over the new K/V with
+    cuDNN first (bench/probe-prefill-h100.json: 600-640 TFLOP/s at 16k-64k tokens on an H100,
+    flash alone 300-340)."""
     R, Hq, T, D = q.shape
     (_, (own, n)), = where.host
     keys, values = k[own : own + n].transpose(0, 1)[None], v[own : own + n].transpose(0, 1)[None]
@@ -530,9 +530,12 @@ class Batch:
     def too_large(self, group: Group, positions: int) -> None:
         raise torch.cuda.OutOfMemoryError(f"a group needs {group.positions} cache positions, {positions} fit in memory")
 
-    def cancelled(self) -> list[Group] | None:
-        """Not admitted groups to give back now (the worker was asked to stop), else None."""
-        return None
+    def stopping(self) -> bool:
+        """True once no more groups may start (the worker was asked to stop)."""
+        return False
+
+    def give_back(self, groups: list[Group]) -> None:
+        """Groups that were waiting when `stopping` turned true: never started."""
 
 
 def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_ids: list[int], device,
@@ -573,8 +576,8 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
                 else:
                     pending.append(g)
             pending = planner.admission_order(pending)
-        if (given_back := source.cancelled()) is not None:
-            given_back.extend(pending)
+        if source.stopping():
+            source.give_back(pending)
             pending, exhausted = [], True
         if not (pending or live):
             if exhausted:

@@ -615,6 +615,6 @@ class _Stream:
             self.done(r.prepared, EngineOOM(f"out of memory on {self.engine.device}: {r.prepared.count.tokens} prompt tokens "
                                             f"+ {r.limit} new need {group.positions} cache positions, {positions} fit"))
 
-    def cancelled(self):
-        return self.given_back if self.stopping() else None
+    def give_back(self, groups) -> None:
+        self.given_back.extend(groups)
 

@@ -175,3 +175,14 @@ def test_out_of_memory_in_the_fast_path_or_a_stream_is_engine_oom(engines, monke
         fast.generate(batch, GREEDY)
     with pytest.raises(EngineOOM, match="out of memory on cpu: in a stream: OutOfMemoryError: CUDA out of memory"):
         fast.stream(lambda idle: None, lambda p, out: None, 1000, images=False)
+
+
+def test_a_stream_stops_starting_requests_and_gives_the_waiting_ones_back(engines, monkeypatch):
+    fast, slow, picture = engines
+    batch = _requests(fast, picture)[:4]
+    monkeypatch.setattr(fast, "max_batch_rows", 1)  # one request decodes at a time
+    fed, done = [batch], []
+    given_back = fast.stream(lambda idle: fed.pop() if fed else None, lambda p, out: done.append((p.key, out.text)),
+                             1000, images=True, stopping=lambda: bool(done))
+    assert len(done) == 1 and sorted(p.key for p in given_back) == sorted(p.key for p in batch if p.key != done[0][0])
+    assert done[0][1] == slow.generate([next(p for p in batch if p.key == done[0][0])], GREEDY)[0].text
