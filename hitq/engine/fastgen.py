@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from hitq.engine import planner
+from hitq.engine import fused, planner
 from hitq.engine.base import Prepared
 
 SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")  # (1, L) tensors
@@ -132,6 +131,7 @@ class Where:
     first: bool = False
 
     _segments: list | None = field(default=None, init=False, repr=False)
+    decode: tuple | None = field(default=None, init=False, repr=False)  # (cu_q, row, table): see _attend_decode
 
     def segments(self, device) -> list[tuple]:
         """Per segment (prefix, own): (starts (R + 1,) int32, used (R,) int32, longest), built on
@@ -197,24 +197,26 @@ def forward_text(model, arena: Arena, tokens: torch.Tensor, positions: torch.Ten
     position's logits (R, vocab). On the flash path with one token per row there are no host
     syncs and the shapes are fixed: a decode step can be captured as a CUDA graph."""
     lm = text_model(model)
-    rope = sys.modules[type(lm.layers[0].self_attn).__module__].apply_rotary_pos_emb
+    c = model.config.text_config
     R, T = tokens.shape
     h = lm.embed_tokens(tokens)
     cos, sin = lm.rotary_emb(h, positions[None].expand(3, R, T))
     attend = (_attend_first if where.first else _attend_reference if not arena.flash
               else _attend_decode if where.slots is not None else _attend_suffix)
-    for i, layer in enumerate(lm.layers):
+    eps = lm.norm.variance_epsilon
+    layers = lm.layers
+    x = fused.norm(h, layers[0].input_layernorm.weight, eps)
+    for i, (layer, (qkv, gate_up)) in enumerate(zip(layers, fused.projections(model))):
         a = layer.self_attn
-        x = layer.input_layernorm(h)
-        q = a.q_norm(a.q_proj(x).view(R, T, -1, a.head_dim)).transpose(1, 2)
-        k = a.k_norm(a.k_proj(x).view(R, T, -1, a.head_dim)).transpose(1, 2)
-        v = a.v_proj(x).view(R, T, -1, a.head_dim).transpose(1, 2)
-        q, k = rope(q, k, cos, sin)
-        arena.k[i][where.write] = k.transpose(1, 2)
-        arena.v[i][where.write] = v.transpose(1, 2)
-        h = h + a.o_proj(attend(q, arena.k[i], arena.v[i], where, a.scaling))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return model.lm_head(lm.norm(h[:, -1]))
+        q, k, v = fused.attention_in(F.linear(x, qkv), a.q_norm.weight, a.k_norm.weight, eps, cos, sin,
+                                     c.num_attention_heads, c.num_key_value_heads)
+        arena.k[i][where.write] = k
+        arena.v[i][where.write] = v
+        h, x = fused.add_norm(h, a.o_proj(attend(q.transpose(1, 2), arena.k[i], arena.v[i], where, a.scaling)),
+                              layer.post_attention_layernorm.weight, eps)
+        after = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else lm.norm.weight
+        h, x = fused.add_norm(h, layer.mlp.down_proj(fused.mlp_in(F.linear(x, gate_up))), after, eps)
+    return model.lm_head(x[:, -1])
 
 
 def _flash(q, k, v, cu_q, starts, used, max_q: int, max_k: int, causal: bool, scale):
@@ -225,37 +227,64 @@ def _flash(q, k, v, cu_q, starts, used, max_q: int, max_k: int, causal: bool, sc
     return out, lse.reshape(q.shape[1], q.shape[0]).transpose(0, 1)  # varlen lse: (H, total_q)
 
 
-def _merge(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
+def _efficient(q, k, v, cu_q, starts, used, max_q: int, max_k: int, scale):
+    """The memory-efficient kernel over the same varlen layout (no causal mask), as _flash returns
+    it. Decode uses it: its query blocks are smaller than flash's 128 rows, of which a decode slot
+    fills 4 (bench/probe-decode-h100.json: 383 vs 471 us a layer on an H100)."""
+    out, lse = torch.ops.aten._efficient_attention_forward(q[None], k[None], v[None], None, cu_q, starts, max_q, max_k,
+                                                            0.0, 0, True, scale=scale, seqlen_k=used)[:2]
+    S = used.shape[0]  # lse: (sequences, heads, max_q rounded up); every sequence has max_q queries
+    return out[0], lse[:, :, :max_q].transpose(1, 2).reshape(S * max_q, q.shape[1])
+
+
+def _merge_eager(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
     """Softmax-merge partial attentions over dim 1: outs (R, P, ..., D), lses (R, P, ...)."""
     weights = torch.softmax(lses, dim=1)
     return (outs.float() * weights[..., None]).sum(1).to(outs.dtype)
 
 
-def _merge_into_rows(outs: torch.Tensor, lses: torch.Tensor, owner: torch.Tensor, R: int) -> torch.Tensor:
+def _merge_into_rows_eager(outs: torch.Tensor, lses: torch.Tensor, owner: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Softmax-merge the partial attention of each slot into its owner row: outs (S, ..., D),
-    lses (S, ...), owner (S,) in 0..R (R: unused slots). Fixed shapes, no host sync."""
-    shape = (R + 1,) + lses.shape[1:]
-    index = owner.reshape((-1,) + (1,) * (lses.dim() - 1)).expand_as(lses)
-    top = torch.full(shape, float("-inf"), device=lses.device).scatter_reduce(0, index, lses, "amax")
+    lses (S, ...), owner (S,) in 0..R (R: unused slots), table (R + 1, S): each row's slots, then
+    S (no slot). The rows' maxima are a gather over `table`, not a scattered max (atomics that
+    collide: 30 us a layer on an H100). Fixed shapes, no host sync."""
+    R = table.shape[0] - 1
+    shape, on = (R + 1,) + lses.shape[1:], {"dtype": lses.dtype, "device": lses.device}  # float32 sums
+    top = torch.cat([lses, torch.full((1,) + lses.shape[1:], float("-inf"), **on)])[table].amax(1)
     weights = torch.exp(lses - top[owner])
-    total = torch.zeros(shape, device=lses.device).index_add_(0, owner, weights)
-    summed = torch.zeros(shape + outs.shape[-1:], device=outs.device).index_add_(0, owner, outs.float() * weights[..., None])
+    total = torch.zeros(shape, **on).index_add_(0, owner, weights)
+    summed = torch.zeros(shape + outs.shape[-1:], **on).index_add_(0, owner, outs.to(lses.dtype) * weights[..., None])
     return (summed[:R] / total[:R, ..., None]).to(outs.dtype)
 
 
+_merge, _merge_into_rows = fused.Kernel(_merge_eager), fused.Kernel(_merge_into_rows_eager)
+
+
+def slot_tables(owner: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From owner (S,) sorted, in 0..R: each slot's query row (unused slots: row 0) and the
+    (R + 1, S) table of each row's slots padded with S. On the device, no host sync."""
+    S = owner.shape[0]
+    count = torch.zeros(R + 1, dtype=torch.long, device=owner.device).index_add_(0, owner, torch.ones_like(owner))
+    first = count.cumsum(0) - count
+    p = torch.arange(S, device=owner.device)
+    table = torch.where(p[None] < count[:, None], first[:, None] + p[None], S)
+    return torch.where(owner < R, owner, 0), table
+
+
 def _attend_decode(q, k, v, where: Where, scale) -> torch.Tensor:
-    """One new token per row, all slots in one flash call. The G query heads of each KV head
+    """One new token per row, all slots in one attention call. The G query heads of each KV head
     become G query "tokens" of an MHA call, so each K/V block is read once for all of them."""
     R, Hq, _, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     starts, used, owner, max_k = where.slots
     S = owner.shape[0]
-    packed = q[:, :, 0].reshape(R, Hkv, G, D).transpose(1, 2)  # (R, G, Hkv, D)
-    packed = torch.cat([packed, packed[:1]])[owner].reshape(S * G, Hkv, D)  # each slot's row (unused: any)
-    cu_q = torch.arange(0, S * G + 1, G, dtype=torch.int32, device=q.device)
-    out, lse = _flash(packed, k, v, cu_q, starts, used, G, max_k, False, scale)
-    merged = _merge_into_rows(out.reshape(S, G, Hkv, D), lse.reshape(S, G, Hkv), owner, R)  # (R, G, Hkv, D)
+    if where.decode is None:  # the same for every layer
+        where.decode = (torch.arange(0, S * G + 1, G, dtype=torch.int32, device=q.device),) + slot_tables(owner, R)
+    cu_q, row, table = where.decode
+    packed = q[:, :, 0].reshape(R, Hkv, G, D).transpose(1, 2).reshape(R, G * Hkv * D).index_select(0, row)
+    out, lse = _efficient(packed.view(S * G, Hkv, D), k, v, cu_q, starts, used, G, max_k, scale)
+    merged = _merge_into_rows(out.reshape(S, G, Hkv, D), lse.reshape(S, G, Hkv), owner, table)  # (R, G, Hkv, D)
     return merged.transpose(1, 2).reshape(R, 1, Hq * D)
 
 

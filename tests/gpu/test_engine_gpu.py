@@ -140,3 +140,40 @@ def test_flash_attention_over_the_arena_equals_the_reference_path():
         got = fastgen._attend_suffix(q, k, v, where, scale).float()
         want = fastgen._attend_reference(q.float(), k.float(), v.float(), where, scale)
         assert (got - want).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("R,T", [(64, 1), (1, 4099)])  # a decode step, a prefill
+def test_compiled_kernels_equal_transformers_arithmetic(R, T):
+    """Each fused kernel of the text forward, compiled, against its eager arithmetic in float64
+    (bf16 operands: relative error ~1e-3). Compilation must really happen: a silent fallback to
+    eager kernels would hide a slower run."""
+    from hitq.engine import fastgen, fused
+
+    torch.manual_seed(R + T)
+    H, Hq, Hkv, D, I = 4096, 32, 8, 128, 12288
+    bf = {"device": "cuda", "dtype": torch.bfloat16}
+
+    def rel(got, want):
+        got, want = got.double().cpu(), want.double().cpu()
+        return float((got - want).norm() / want.norm())
+
+    def check(kernel, *args):
+        got = kernel(*args)
+        want = kernel.fn(*[a.double().cpu() if torch.is_tensor(a) and a.is_floating_point() else
+                           a.cpu() if torch.is_tensor(a) else a for a in args])
+        for g, w in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
+            assert g.shape == w.shape and rel(g, w) < 1e-2
+        assert kernel.compiled is not None and fused.Kernel.enabled
+
+    h, delta, w = torch.randn(R, T, H, **bf), torch.randn(R, T, H, **bf), torch.rand(H, **bf) + 0.5
+    check(fused.norm, h, w, 1e-6)
+    check(fused.add_norm, h, delta, w, 1e-6)
+    angles = torch.rand(R, T, D // 2, device="cuda") * 100
+    cos, sin = torch.cat([angles.cos()] * 2, -1).bfloat16(), torch.cat([angles.sin()] * 2, -1).bfloat16()
+    check(fused.attention_in, torch.randn(R, T, (Hq + 2 * Hkv) * D, **bf), torch.rand(D, **bf) + 0.5,
+          torch.rand(D, **bf) + 0.5, 1e-6, cos, sin, Hq, Hkv)
+    check(fused.mlp_in, torch.randn(R, T, 2 * I, **bf))
+    S = 8 * R
+    owner = torch.sort(torch.cat([torch.arange(R + 1), torch.randint(0, R + 1, (S - R - 1,))])).values.cuda()
+    check(fastgen._merge_into_rows, torch.randn(S, Hq // Hkv, Hkv, D, **bf),
+          torch.randn(S, Hq // Hkv, Hkv, device="cuda") * 5, owner, fastgen.slot_tables(owner, R)[1])

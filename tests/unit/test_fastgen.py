@@ -140,7 +140,8 @@ def test_decode_slots_and_their_merge_equal_attention_row_by_row(monkeypatch, sm
     assert covered == sorted((r, p) for r, row in enumerate(host) for start, n in row for p in range(start, start + n))
     where = fastgen.Where(None, host, (torch.tensor(starts), torch.tensor(used), torch.tensor(owner), 120))
     q = torch.randn(len(host), Hkv * G, 1, D)
-    monkeypatch.setattr(fastgen, "_flash", _flash_on_cpu)
+    monkeypatch.setattr(fastgen, "_efficient", lambda q, k, v, cu_q, starts, used, max_q, max_k, scale:
+                        _flash_on_cpu(q, k, v, cu_q, starts, used, max_q, max_k, False, scale))
     got = fastgen._attend_decode(q, k, v, where, D**-0.5)
     assert torch.allclose(got, fastgen._attend_reference(q, k, v, where, D**-0.5), atol=1e-5)
     with pytest.raises(ValueError, match="segments for 4 slots"):
