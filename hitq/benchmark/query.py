@@ -40,8 +40,20 @@ def job_row(query: Query, modality: str, fmt: str, missing: str | None = None, t
         "query_id": query.id, "file_name": query.file_name, "question_type": query.question_type,
         "sub_q_type": query.sub_q_type, "question": query.question, "reference": query.reference,
         "prefix_key": prefix_key(modality, fmt, query.file_name, None if table_first else query.template_key),
-        "status": "pending",
+        "status": "pending", "priority": 0,
     }
     if missing:
         row.update(status="error", error_kind="missing_input", error_message=missing)
     return row
+
+
+def job_rows(queries: list[Query], modality: str, fmt: str, missing: dict | None = None, table_first: bool = False) -> list[dict]:
+    """The queue rows of `queries`, chart groups first: every job of a prefix group that holds a
+    Visualization question gets priority 1, so workers claim them before the rest. A chart answer
+    is up to 2,048 tokens, one decode step each; started first, its steps run beside everyone
+    else's prefills and answers instead of trailing alone at the end of a worker's run."""
+    rows = [job_row(q, modality, fmt, (missing or {}).get(q.id), table_first) for q in queries]
+    charts = {r["prefix_key"] for r in rows if r["question_type"] == "Visualization"}
+    for r in rows:
+        r["priority"] = int(r["prefix_key"] in charts)
+    return rows

@@ -93,7 +93,7 @@ def enqueue(data_dir, model_dir, modality, fmt, qa_file, ids, types, run_name, e
     """
     from hitq.benchmark import qa, tables
     from hitq.benchmark.prompts import check_layout
-    from hitq.benchmark.query import job_row
+    from hitq.benchmark.query import job_rows
     from hitq.jobqueue import open_queue
     from hitq.runconfig import RunConfig
 
@@ -114,7 +114,7 @@ def enqueue(data_dir, model_dir, modality, fmt, qa_file, ids, types, run_name, e
     report = tables.validate_inputs(data, queries, modality, fmt, protocol)
     reasons = {i: f"{kind} input {name} is {entry['problem'].replace('_', ' ')}: {entry['path']}"
                for kind, files in report.items() for name, entry in files.items() for i in entry["ids"]}
-    rows = [dict(job_row(q, modality, fmt, reasons.get(q.id), table_first), max_attempts=max_attempts) for q in queries]
+    rows = [dict(row, max_attempts=max_attempts) for row in job_rows(queries, modality, fmt, reasons, table_first)]
     queue = open_queue(db)
     name = run_name or f"{modality}_{fmt}"
     added, present = queue.enqueue(name, config.to_json(), config.hash, rows)

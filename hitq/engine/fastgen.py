@@ -10,9 +10,10 @@ Why this split: transformers' forward is the only code that knows images (vision
 deepstack, 3-D positions), so it prefills each shared prefix, which always holds every image of
 the prompt. Everything after it is text, whose M-RoPE position is the same on all three axes
 (index + the prefix's rope delta), so a small text-only forward over the arena runs each
-question's suffix and every decode step. A decode step has fixed shapes (all decode positions;
-flash-attention varlen reads each row's own region, however long), so on CUDA it is captured
-once as a CUDA graph and replayed: no Python or kernel-launch cost per layer.
+question's suffix and every decode step (its elementwise steps fused: hitq.engine.fused). A
+decode step has fixed shapes (all decode positions; varlen attention reads each row's own
+region, however long), so on CUDA it is captured once as a CUDA graph and replayed: no Python
+or kernel-launch cost per layer.
 
 A request is admitted as soon as a decode position and a region of its size are free
 (continuous batching), so a 2,048-token chart answer does not hold a batch of 12-token answers,
@@ -59,9 +60,9 @@ class Arena:
     buffer for keys and one for values. A prefix group owns one region for its shared prefix and
     each of its requests one for its own suffix + output limit, taken first-fit and given back
     when done, so long and short requests share the memory without padding. The last position
-    is scratch: idle decode rows write there. On CUDA in bf16/fp16 attention is flash-attention's
-    varlen kernel (each row reads only its own positions, wherever they lie); elsewhere a per-row
-    reference path."""
+    is scratch: idle decode rows write there. On CUDA in bf16/fp16 attention is PyTorch's varlen
+    kernels (flash, memory-efficient for decode: each row reads only its own positions, wherever
+    they lie); elsewhere a per-row reference path."""
 
     def __init__(self, model, positions: int):
         c = model.config.text_config
@@ -346,7 +347,7 @@ class Decoder:
     replayed; its inputs are copied into static buffers first. Idle positions read and write
     the arena's scratch position."""
 
-    SLOTS_PER_ROW = 8  # flash "sequences" per decode position (pieces of the rows' segments)
+    SLOTS_PER_ROW = 8  # attention "sequences" per decode position (pieces of the rows' segments)
 
     def __init__(self, model, arena: Arena, rows: int, max_k: int, eos_ids: list[int], graphs: bool):
         self.model, self.arena, self.rows, self.max_k = model, arena, rows, max_k

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from hitq.benchmark import prompts, qa, tables
 from hitq.benchmark.preflight import prepare_query
-from hitq.benchmark.query import Query, job_row
+from hitq.benchmark.query import Query, job_row, job_rows
 from hitq.engine.base import ImageLimits
 from hitq.errors import JobError
 from hitq.runconfig import RunConfig
@@ -170,7 +170,7 @@ def run_worker(engine, queries: list[Query], config: RunConfig, claim: int, db_d
     queue = open_queue(url)
     name = f"bench-{config.modality}-{config.format}"
     queue.enqueue(name, config.to_json(), config.hash,
-                  [job_row(q, config.modality, config.format, table_first=config.table_first) for q in queries])
+                  job_rows(queries, config.modality, config.format, table_first=config.table_first))
     spec = WorkerSpec(db=url, device="0", run_name=name, drain=True, lease_s=3600.0, batch_size=claim, poll_s=0.05)
     worker = Worker(spec)
     run = worker.queue.get_run(name)

@@ -224,3 +224,19 @@ def test_table_first_layout_shares_the_table_across_templates(queries):
     assert len(keys) == 1 and len({job_row(q, "text", "html")["prefix_key"] for q in picked}) == 3
     with pytest.raises(UsageError, match="table-first"):
         prompts.build_messages(picked[0], table, "text", "html", default, "predecessor", table_first=True)
+
+
+def test_chart_groups_are_claimed_first(queries):
+    """job_rows: every job of a prefix group holding a Visualization question has priority 1 (the
+    claim's first key), in both layouts; the rest 0; missing inputs keep their error row."""
+    from hitq.benchmark.query import job_rows
+
+    sample = [q for q in queries.values() if q.file_name in {q.file_name for q in queries.values()
+                                                                if q.question_type == "Visualization"}][:60]
+    for table_first in (False, True):
+        rows = job_rows(sample, "text", "html", {sample[0].id: "table missing"}, table_first)
+        charts = {r["prefix_key"] for r in rows if r["question_type"] == "Visualization"}
+        assert charts and all(r["priority"] == (r["prefix_key"] in charts) for r in rows)
+        assert any(r["priority"] == 0 for r in rows) and rows[0]["error_kind"] == "missing_input"
+        if table_first:  # the whole table is one group: its other questions come first too
+            assert any(r["priority"] == 1 and r["question_type"] != "Visualization" for r in rows)
