@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from hitq.cli.options import parse_engine_opts
 from hitq.cli.work import GPU_BATCH
 
 DEFAULT_MODEL = "../shared/models/qwen3-vl-8b-instruct-noweights"
@@ -29,7 +30,10 @@ DEFAULT_REFERENCE = "../shared/reference-runs/qwen3-vl-8b-text_html/results.json
 @click.option("--out", "out_path", help="Write the JSON here too.")
 @click.option("--table-first", is_flag=True, help="Both paths use the opt-in table-first prompt layout (labelled in the JSON).")
 @click.option("--write-subset", help="Only copy the sampled tables (+ rendered images) to this folder, then exit (CPU).")
-def bench(model_dir, data_dir, n, seed, modality, fmt, out_len, reference, baseline_n, claim, out_path, table_first, write_subset):
+@click.option("--engine-opt", "engine_opts", multiple=True, metavar="KEY=VALUE",
+              help="Transformers engine option for both paths, e.g. prefill_chunk=2048 (shown in the JSON's engine).")
+def bench(model_dir, data_dir, n, seed, modality, fmt, out_len, reference, baseline_n, claim, out_path, table_first, write_subset,
+          engine_opts):
     """Run N real queries through (a) the predecessor's method and (b) hitq's queue + worker path
     on one GPU, in one process, and print queries/s, TFLOP/s, floor fraction and the ratio b/a.
 
@@ -52,7 +56,8 @@ def bench(model_dir, data_dir, n, seed, modality, fmt, out_len, reference, basel
     logging.getLogger("hitq.engine").setLevel(logging.INFO)
     queries = core.sample_queries(data_dir, n, seed, fmt)
     lengths = core.reference_lengths(reference, measure.tokenizer(model_dir))
-    result = core.run(model_dir, data_dir, queries, lengths, modality, fmt, baseline_n, claim, out_len, table_first=table_first)
+    result = core.run(model_dir, data_dir, queries, lengths, modality, fmt, baseline_n, claim, out_len, table_first=table_first,
+                      engine_opts=parse_engine_opts(engine_opts))
     result["command"] = " ".join(["hitq", *sys.argv[1:]])  # what made this JSON
     text = json.dumps(result, indent=2, default=str)
     if out_path:

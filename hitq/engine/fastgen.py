@@ -197,13 +197,22 @@ def forward_text(model, arena: Arena, tokens: torch.Tensor, positions: torch.Ten
     each row attending to its group's prefix and causally to its own region; returns the last
     position's logits (R, vocab). On the flash path with one token per row there are no host
     syncs and the shapes are fixed: a decode step can be captured as a CUDA graph."""
+    return forward_parts(model, arena, [(tokens, positions, where)])[0]
+
+
+def forward_parts(model, arena: Arena, parts: list[tuple]) -> list[torch.Tensor]:
+    """forward_text over several (tokens, positions, where) parts at once: every product, norm and
+    rope runs over all their tokens together and each part gets its own attention, so a decode
+    step can ride inside a prefill chunk's products (which read the weights anyway). Returns
+    each part's last-position logits."""
     lm = text_model(model)
     c = model.config.text_config
-    R, T = tokens.shape
-    h = lm.embed_tokens(tokens)
-    cos, sin = lm.rotary_emb(h, positions[None].expand(3, R, T))
-    attend = (_attend_first if where.first else _attend_reference if not arena.flash
-              else _attend_decode if where.slots is not None else _attend_suffix)
+    sizes = [tokens.numel() for tokens, _, _ in parts]
+    h = _cat([flat(lm.embed_tokens(tokens)) for tokens, _, _ in parts])
+    rope = [lm.rotary_emb(h, pos[None].expand(3, *pos.shape)) for _, pos, _ in parts]
+    cos, sin = _cat([flat(cos) for cos, _ in rope]), _cat([flat(sin) for _, sin in rope])
+    write = _cat([where.write.reshape(1, -1) for _, _, where in parts])
+    attends = [_attention(where, arena.flash) for _, _, where in parts]
     eps = lm.norm.variance_epsilon
     layers = lm.layers
     x = fused.norm(h, layers[0].input_layernorm.weight, eps)
@@ -211,13 +220,29 @@ def forward_text(model, arena: Arena, tokens: torch.Tensor, positions: torch.Ten
         a = layer.self_attn
         q, k, v = fused.attention_in(F.linear(x, qkv), a.q_norm.weight, a.k_norm.weight, eps, cos, sin,
                                      c.num_attention_heads, c.num_key_value_heads)
-        arena.k[i][where.write] = k
-        arena.v[i][where.write] = v
-        h, x = fused.add_norm(h, a.o_proj(attend(q.transpose(1, 2), arena.k[i], arena.v[i], where, a.scaling)),
-                              layer.post_attention_layernorm.weight, eps)
+        arena.k[i][write] = k
+        arena.v[i][write] = v
+        outs = [attend(q_part.reshape(*tokens.shape, *q.shape[2:]).transpose(1, 2), arena.k[i], arena.v[i], where, a.scaling)
+                for q_part, attend, (tokens, _, where) in zip(q.split(sizes, 1), attends, parts)]
+        h, x = fused.add_norm(h, a.o_proj(_cat([flat(out) for out in outs])), layer.post_attention_layernorm.weight, eps)
         after = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else lm.norm.weight
         h, x = fused.add_norm(h, layer.mlp.down_proj(fused.mlp_in(F.linear(x, gate_up))), after, eps)
-    return model.lm_head(x[:, -1])
+    last = _cat([part.reshape(*tokens.shape, -1)[:, -1] for part, (tokens, _, _) in zip(x.split(sizes, 1), parts)], 0)
+    return list(model.lm_head(last).split([tokens.shape[0] for tokens, _, _ in parts]))
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """(R, T, X) -> (1, R * T, X): the parts' tokens as one sequence for the products."""
+    return t.reshape(1, -1, t.shape[-1])
+
+
+def _cat(tensors: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
+
+def _attention(where: Where, flash: bool):
+    return (_attend_first if where.first else _attend_reference if not flash
+            else _attend_decode if where.slots is not None else _attend_suffix)
 
 
 def _flash(q, k, v, cu_q, starts, used, max_q: int, max_k: int, causal: bool, scale):
@@ -362,10 +387,12 @@ class Decoder:
         self.graph = None
         self.graphs = graphs and arena.flash
 
+    def _where(self, host: list) -> Where:
+        return Where(self.inputs[2][:, None], host, (self.starts, self.used, self.owner, self.max_k))
+
     def _step(self, host: list) -> torch.Tensor:
-        tokens, positions, write = self.inputs
-        where = Where(write[:, None], host, (self.starts, self.used, self.owner, self.max_k))
-        logits = forward_text(self.model, self.arena, tokens[:, None], positions[:, None], where)
+        tokens, positions, _ = self.inputs
+        logits = forward_text(self.model, self.arena, tokens[:, None], positions[:, None], self._where(host))
         return greedy(logits, self.forbid, self.eos)
 
     def _capture(self, host: list) -> None:
@@ -382,6 +409,24 @@ class Decoder:
         """live: decode position -> (last token, rope position, ((prefix start, length), (own start,
         length before the token)), forced). Appends each live row's token to its own region;
         returns every position's next token."""
+        host = self._load(live)
+        if not self.graphs:
+            return self._step(host).tolist()
+        if self.graph is None:
+            self._capture(host)
+        self.graph.replay()
+        return self.out.tolist()
+
+    def step_with(self, live: dict, part: tuple) -> tuple[torch.Tensor, list[int]]:
+        """The same step inside the forward of `part` (a prefill chunk: forward_parts), eager:
+        one pass over the weights for both. Returns (the part's logits, every position's next token)."""
+        host = self._load(live)
+        tokens, positions, _ = self.inputs
+        part_logits, logits = forward_parts(self.model, self.arena, [part, (tokens[:, None], positions[:, None], self._where(host))])
+        return part_logits, greedy(logits, self.forbid, self.eos).tolist()
+
+    def _load(self, live: dict) -> list:
+        """Copy the step's inputs into the static buffers; returns the rows' segments (host)."""
         scratch = self.arena.scratch
         idle = (0, 0, ((scratch, 1), (scratch, 0)), False)
         cols = [live.get(i, idle) for i in range(self.rows)]
@@ -393,12 +438,7 @@ class Decoder:
         self.used.copy_(torch.tensor(used, dtype=torch.int32), non_blocking=True)
         self.owner.copy_(torch.tensor(owner), non_blocking=True)
         self.forbid.copy_(torch.tensor([c[3] for c in cols]), non_blocking=True)
-        if not self.graphs:
-            return self._step(host).tolist()
-        if self.graph is None:
-            self._capture(host)
-        self.graph.replay()
-        return self.out.tolist()
+        return host
 
 
 # -- requests, groups and stopping ------------------------------------------------------------
@@ -514,9 +554,14 @@ def prefill_group(model, g: Group, device, kwarg: str, arena: Arena | None = Non
         del cache
     else:  # text: straight into the arena, fused causal attention (rope positions 0.., delta 0)
         delta = 0
-        ids = inputs["input_ids"][:, : g.split]
-        where = Where(torch.arange(prefix, prefix + g.split, device=device)[None], [[(prefix, 0), (prefix, g.split)]], first=True)
-        logits = forward_text(model, arena, ids, torch.arange(g.split, device=device)[None], where)
+        logits = forward_text(model, arena, *Chunks(g, regions, device, g.split).next())
+    return suffix_logits(model, g, device, arena, regions, delta, logits), delta
+
+
+def suffix_logits(model, g: Group, device, arena: Arena, regions: tuple, delta: int, prefix_logits: torch.Tensor) -> list:
+    """Each row's own suffix (its question) into its region after the prefilled prefix; returns
+    each row's first-token logits (the prefix's own for a row without a suffix)."""
+    prefix, owns = regions
     out = []
     for own, r in zip(owns, g.rows):
         ids = r.prepared.inputs["input_ids"][0]
@@ -526,8 +571,34 @@ def prefill_group(model, g: Group, device, kwarg: str, arena: Arena | None = Non
             where = Where.rows([((prefix, g.split), (own, 0))], suffix.shape[1], device)
             out.append(forward_text(model, arena, suffix, positions, where))
         else:
-            out.append(logits)
-    return out, delta
+            out.append(prefix_logits)
+    return out
+
+
+class Chunks:
+    """A text group's prefix as forward_text parts of at most `size` tokens: the first one plain
+    causal attention, each later one the earlier ones in full and itself causally."""
+
+    def __init__(self, g: Group, regions: tuple, device, size: int):
+        self.g, self.regions, self.device, self.size = g, regions, device, size
+        self.ids = g.rows[0].prepared.inputs["input_ids"][0, : g.split].to(device)
+        self.done = 0
+
+    def next(self, rest: bool = False) -> tuple:
+        """(tokens, positions, where) of the next chunk (rest=True: all that is left)."""
+        prefix, done = self.regions[0], self.done
+        n = self.g.split - done if rest else min(self.size, self.g.split - done)
+        self.done += n
+        positions = torch.arange(done, done + n, device=self.device)[None]
+        if done == 0:
+            where = Where(positions + prefix, [[(prefix, 0), (prefix, n)]], first=True)
+        else:
+            where = Where.rows([((prefix, done), (prefix + done, 0))], n, self.device)
+        return self.ids[done : done + n][None], positions, where
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.g.split
 
 
 def greedy(logits: torch.Tensor, forbid: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
@@ -569,23 +640,27 @@ class Batch:
 
 
 def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_ids: list[int], device,
-        kwarg: str, sync, graphs: bool) -> dict:
+        kwarg: str, sync, graphs: bool, chunk: int | None = None) -> dict:
     """Run the groups of `source` through an arena of `positions` cache positions and `rows`
     decode positions. A group is admitted (prefilled) as soon as its rows find free decode
     positions and the arena a region for its prefix and one per row for the row's suffix and
     outputs; every live row decodes together; a stopped row frees its decode position and its
     region at once, the prefix region goes with the group's last row. Waiting groups are kept in
     planner.admission_order and topped up from `source` while fewer than `rows` wait.
+    chunk (tokens): while rows are live, a text prefix is prefilled `chunk` tokens at a time, each
+    chunk in one forward with the next decode step (Decoder.step_with), so decoding goes on during
+    prefills; None: each prefix at once, the decode steps waiting for it.
     Each row's `timing` gets its group's prefill time and its admission-to-stop time.
-    Returns the figures: {"prefill_s", "decode_s", "steps", "rows", "positions", "most_live", "seconds"}."""
+    Returns the figures: {"prefill_s", "decode_s", "steps", "mixed_steps", "rows", "positions", "most_live", "seconds"}."""
     sync()
     start = time.perf_counter()
     arena = Arena(model, positions)
     decoder = Decoder(model, arena, rows, positions, eos_ids, graphs)
     pending, free, live = [], list(range(rows))[::-1], {}  # live: decode position -> (row, region, group)
     holders: dict[int, list] = {}  # id(group) -> [prefix start, rows still live]
-    prefill_s = steps = most = n = 0
+    prefill_s = steps = mixed = most = n = 0
     exhausted = False
+    filling = None  # (Chunks, decode positions kept for its rows, t0): the group being prefilled beside steps
 
     def release(r: Row, own: int, g: Group) -> None:
         arena.give(own, g.own(r))
@@ -596,9 +671,27 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
             del holders[id(g)]
         source.finished(r, g)
 
+    def admit(g: Group, owns: list, logits: list, delta: int, t0: float, kept: list, waited_from: float) -> None:
+        """The group's first tokens: its rows go live on the decode positions `kept` (or stop).
+        prefill_s counts the time from `waited_from` (decode steps beside chunks are steps)."""
+        nonlocal prefill_s
+        forced = torch.tensor([r.forced for r in g.rows], device=device)
+        firsts = greedy(torch.cat(logits), forced, decoder.eos).tolist()
+        t1 = time.perf_counter()  # the token list above waited for the prefill
+        prefill_s += t1 - waited_from
+        for own, r, token, i in zip(owns, g.rows, firsts, kept):
+            r.timing.update(prefill_s=t1 - t0, admitted=t0)
+            stopper.push(r, token)
+            if r.done:
+                r.timing["seconds"] = time.perf_counter() - t0
+                free.append(i)
+                release(r, own, g)
+            else:
+                live[i] = (r, own, g, delta)
+
     while True:
         if not exhausted and len(pending) < rows:
-            new = source.more(idle=not (pending or live))
+            new = source.more(idle=not (pending or live or filling))
             exhausted = new is None
             for g in planner.split_large(new or [], rows, positions):
                 if g.positions > positions:
@@ -609,11 +702,11 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
         if source.stopping():
             source.give_back(pending)
             pending, exhausted = [], True
-        if not (pending or live):
+        if not (pending or live or filling):
             if exhausted:
                 break
             continue
-        while pending and len(pending[0].rows) <= len(free):
+        while filling is None and pending and len(pending[0].rows) <= len(free):
             g = pending[0]
             taken = arena.take_all([g.split] + [g.own(r) for r in g.rows])
             if taken is None:  # memory is full until live rows stop
@@ -622,26 +715,29 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
             n += len(g.rows)
             prefix, owns = taken[0], taken[1:]
             holders[id(g)] = [prefix, len(g.rows)]
+            kept = [free.pop() for _ in g.rows]
             t0 = time.perf_counter()
-            logits, delta = prefill_group(model, g, device, kwarg, arena, (prefix, owns))
-            forced = torch.tensor([r.forced for r in g.rows], device=device)
-            firsts = greedy(torch.cat(logits), forced, decoder.eos).tolist()
-            t1 = time.perf_counter()  # the token list above waited for the prefill
-            prefill_s += t1 - t0
-            for own, r, token in zip(owns, g.rows, firsts):
-                r.timing.update(prefill_s=t1 - t0, admitted=t0)
-                stopper.push(r, token)
-                if r.done:
-                    r.timing["seconds"] = time.perf_counter() - t0
-                    release(r, own, g)
-                else:
-                    live[free.pop()] = (r, own, g, delta)
+            if chunk and live and "pixel_values" not in g.rows[0].prepared.inputs:
+                filling = (Chunks(g, (prefix, owns), device, chunk), kept, t0)
+                break
+            admit(g, owns, *prefill_group(model, g, device, kwarg, arena, (prefix, owns)), t0, kept, t0)
+        if filling is not None and not live:  # nothing to decode beside it: the rest at once
+            chunks, kept, t0 = filling
+            filling, waited_from = None, time.perf_counter()
+            rest = forward_text(model, arena, *chunks.next(rest=True))
+            admit(chunks.g, chunks.regions[1], suffix_logits(model, chunks.g, device, arena, chunks.regions, 0, rest), 0, t0,
+                  kept, waited_from)
         if not live:  # an empty arena holds any group that passed too_large
             continue
         step = {i: (r.ids[-1], r.length + len(r.ids) - 1 + delta,
                     ((holders[id(g)][0], g.split), (own, r.length - g.split + len(r.ids) - 1)), r.forced)
                 for i, (r, own, g, delta) in live.items()}
-        next_tokens = decoder.step(step)
+        if filling is not None:
+            chunks, kept, t0 = filling
+            chunk_logits, next_tokens = decoder.step_with(step, chunks.next())
+            mixed += 1
+        else:
+            next_tokens = decoder.step(step)
         steps, most = steps + 1, max(most, len(live))
         now = time.perf_counter()
         for i, (r, own, g, _) in list(live.items()):
@@ -651,9 +747,14 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
                 free.append(i)
                 r.timing["seconds"] = now - r.timing["admitted"]
                 release(r, own, g)
+        if filling is not None and filling[0].finished:
+            chunks, kept, t0 = filling
+            filling, waited_from = None, time.perf_counter()
+            admit(chunks.g, chunks.regions[1], suffix_logits(model, chunks.g, device, arena, chunks.regions, 0, chunk_logits),
+                  0, t0, kept, waited_from)
     sync()
     wall = time.perf_counter() - start
-    log.info("decode: %d rows, %d positions, up to %d of %d rows live, prefill %.2f s, %d steps, %.2f s in all%s",
-             n, positions, most, rows, prefill_s, steps, wall, ", CUDA graph" if decoder.graphs else "")
-    return {"prefill_s": prefill_s, "decode_s": wall - prefill_s, "steps": steps, "rows": n, "positions": positions,
-            "most_live": most, "seconds": wall}
+    log.info("decode: %d rows, %d positions, up to %d of %d rows live, prefill %.2f s, %d steps (%d beside prefill chunks), "
+             "%.2f s in all%s", n, positions, most, rows, prefill_s, steps, mixed, wall, ", CUDA graph" if decoder.graphs else "")
+    return {"prefill_s": prefill_s, "decode_s": wall - prefill_s, "steps": steps, "mixed_steps": mixed, "rows": n,
+            "positions": positions, "most_live": most, "seconds": wall}

@@ -210,11 +210,12 @@ class TransformersEngine:
         max_batch_rows: int = 64,
         kv_budget_tokens: int | None = None,
         cuda_graphs: Any = True,
+        prefill_chunk: Any = None,
         **unknown: Any,
     ):
         if unknown:
             known = ("dtype, attn, load_weights, random_weights, inject_oom, image_cap_pixels, fast, force_lengths, "
-                     "max_batch_rows, kv_budget_tokens, cuda_graphs")
+                     "max_batch_rows, kv_budget_tokens, cuda_graphs, prefill_chunk")
             raise UsageError(f"unknown transformers engine option(s) {', '.join(sorted(unknown))}: choose from {known}")
         self.model_dir = Path(model_dir) if model_dir else None
         if self.model_dir is None or not self.model_dir.is_dir():
@@ -237,6 +238,9 @@ class TransformersEngine:
         self.max_batch_rows = int(max_batch_rows)
         self.kv_budget_tokens = int(kv_budget_tokens) if kv_budget_tokens is not None else None
         self.cuda_graphs = _flag(cuda_graphs)  # fast path on CUDA: decode steps replayed as CUDA graphs
+        # Fast path: prefill text prefixes this many tokens at a time, each chunk in one forward with a
+        # decode step (fastgen.run's chunk); off by default until measured on a GPU.
+        self.prefill_chunk = int(prefill_chunk) if prefill_chunk not in (None, "", "0", 0) else None
 
         from transformers import AutoProcessor
 
@@ -510,7 +514,7 @@ class TransformersEngine:
         def run() -> dict:
             with torch.inference_mode():
                 return fastgen.run(self.model, fastgen.Batch(groups), positions, decode_rows, stopper, self.eos_ids,
-                                   self.device, kwarg, lambda: _device_sync(self.device), self.cuda_graphs)
+                                   self.device, kwarg, lambda: _device_sync(self.device), self.cuda_graphs, self.prefill_chunk)
 
         timing = self._oom_as_engine_oom(run, sizes)
         reserved = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
@@ -555,7 +559,8 @@ class TransformersEngine:
         def run() -> dict:
             with torch.inference_mode():
                 return fastgen.run(self.model, source, budget.positions(longest), budget.max_rows, stopper, self.eos_ids,
-                                   self.device, fastgen.cache_kwarg(self.model), lambda: _device_sync(self.device), self.cuda_graphs)
+                                   self.device, fastgen.cache_kwarg(self.model), lambda: _device_sync(self.device), self.cuda_graphs,
+                                   self.prefill_chunk)
 
         self._oom_as_engine_oom(run, "in a stream")
         return [r.prepared for g in source.given_back for r in g.rows]
@@ -583,8 +588,9 @@ class TransformersEngine:
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.attn,
             "weights": self.weights,
-            "generation": ("fastgen (shared prefixes, continuous batching, CUDA-graph decode)" if self.cuda_graphs and self.device.type == "cuda"
-                           else "fastgen (shared prefixes, continuous batching)") if self.fast else "model.generate",
+            "generation": (("fastgen (shared prefixes, continuous batching, CUDA-graph decode)" if self.cuda_graphs and self.device.type == "cuda"
+                            else "fastgen (shared prefixes, continuous batching)")
+                           + (f", prefill chunks of {self.prefill_chunk} beside decode steps" if self.prefill_chunk else "")) if self.fast else "model.generate",
             "parameters": sum(p.numel() for p in self.model.parameters()) if self.model is not None else None,
         }
 

@@ -202,8 +202,8 @@ def _count(values) -> dict:
 
 def run(model_dir: str, data_dir: str, queries: list[Query], lengths: dict[int, int], modality: str = "text",
         fmt: str = "html", baseline_n: int | None = None, claim: int = 64, out_len: int | None = None,
-        device: str = "cuda", random_weights: bool = True, table_first: bool = False) -> dict:
-    """Build the engine (random bf16 weights), check the fast path, time (a) and (b)."""
+        device: str = "cuda", random_weights: bool = True, table_first: bool = False, engine_opts: dict | None = None) -> dict:
+    """Build the engine (random bf16 weights, `engine_opts` on top), check the fast path, time (a) and (b)."""
     from hitq.engine import measure
     from hitq.engine.qwen3vl import TransformersEngine
 
@@ -212,7 +212,8 @@ def run(model_dir: str, data_dir: str, queries: list[Query], lengths: dict[int, 
     # The reference run allowed 4096 new tokens; hitq caps by question type (512/1024/2048), so a
     # reference answer longer than hitq's cap is forced to the cap, on both paths.
     forced = {q.id: out_len or min(lengths.get(q.id, median), prompts.default_max_new_tokens(q)) for q in queries}
-    engine = TransformersEngine(model_dir, device=device, random_weights=random_weights, force_lengths=forced, fast=True)
+    engine = TransformersEngine(model_dir, device=device, random_weights=random_weights, force_lengths=forced, fast=True,
+                                **(engine_opts or {}))
     config = RunConfig(modality=modality, format=fmt, data_dir=str(data_dir), model_dir=str(model_dir), table_first=table_first,
                        format_retries=0, extra={"bench": True, "forced_output_lengths": "reference" if not out_len else out_len})
     prompt_set = prompts.load_prompt_set(config.prompts)

@@ -187,3 +187,18 @@ def test_a_stream_stops_starting_requests_and_gives_the_waiting_ones_back(engine
                              1000, images=True, stopping=lambda: bool(done))
     assert len(done) == 1 and sorted(p.key for p in given_back) == sorted(p.key for p in batch if p.key != done[0][0])
     assert done[0][1] == slow.generate([next(p for p in batch if p.key == done[0][0])], GREEDY)[0].text
+
+
+def test_prefill_chunks_beside_decode_steps_give_the_same_tokens(engines):
+    """prefill_chunk: a text prefix admitted while rows are live is prefilled 16 tokens at a time,
+    each chunk in one forward with a decode step; the tokens are model.generate's."""
+    fast, slow, picture = engines
+    batch = _requests(fast, picture)
+    want = [(o.text, o.output_tokens) for o in (slow.generate([p], GREEDY)[0] for p in batch)]
+    fast.prefill_chunk, fast.max_batch_rows = 16, 3
+    try:
+        got = fast.generate(batch, GREEDY)
+    finally:
+        fast.prefill_chunk, fast.max_batch_rows = None, 64
+    assert [(o.text, o.output_tokens) for o in got] == want
+    assert max(o.extra["mixed_steps"] for o in got) >= 2  # a first and a later chunk ran beside decode steps
