@@ -202,16 +202,21 @@ def forward_text(model, arena: Arena, tokens: torch.Tensor, positions: torch.Ten
 
 def forward_parts(model, arena: Arena, parts: list[tuple]) -> list[torch.Tensor]:
     """forward_text over several (tokens, positions, where) parts at once: every product, norm and
-    rope runs over all their tokens together and each part gets its own attention, so a decode
-    step can ride inside a prefill chunk's products (which read the weights anyway). Returns
-    each part's last-position logits."""
+    rope runs over all their tokens together (flattened into one sequence) and each part gets its
+    own attention, so a decode step can ride inside a prefill chunk's products (which read the
+    weights anyway). One part keeps its own (R, T) shape. Returns each part's last-position logits."""
     lm = text_model(model)
     c = model.config.text_config
     sizes = [tokens.numel() for tokens, _, _ in parts]
-    h = _cat([flat(lm.embed_tokens(tokens)) for tokens, _, _ in parts])
+    if len(parts) == 1:
+        join, split, write = (lambda ts: ts[0]), (lambda t: [t]), parts[0][2].write
+    else:
+        join = lambda ts: torch.cat([flat(t) for t in ts], 1)  # noqa: E731
+        split = lambda t: t.split(sizes, 1)  # noqa: E731
+        write = torch.cat([where.write.reshape(1, -1) for _, _, where in parts], 1)
+    h = join([lm.embed_tokens(tokens) for tokens, _, _ in parts])
     rope = [lm.rotary_emb(h, pos[None].expand(3, *pos.shape)) for _, pos, _ in parts]
-    cos, sin = _cat([flat(cos) for cos, _ in rope]), _cat([flat(sin) for _, sin in rope])
-    write = _cat([where.write.reshape(1, -1) for _, _, where in parts])
+    cos, sin = join([cos for cos, _ in rope]), join([sin for _, sin in rope])
     attends = [_attention(where, arena.flash) for _, _, where in parts]
     eps = lm.norm.variance_epsilon
     layers = lm.layers
@@ -223,21 +228,17 @@ def forward_parts(model, arena: Arena, parts: list[tuple]) -> list[torch.Tensor]
         arena.k[i][write] = k
         arena.v[i][write] = v
         outs = [attend(q_part.reshape(*tokens.shape, *q.shape[2:]).transpose(1, 2), arena.k[i], arena.v[i], where, a.scaling)
-                for q_part, attend, (tokens, _, where) in zip(q.split(sizes, 1), attends, parts)]
-        h, x = fused.add_norm(h, a.o_proj(_cat([flat(out) for out in outs])), layer.post_attention_layernorm.weight, eps)
+                for q_part, attend, (tokens, _, where) in zip(split(q), attends, parts)]
+        h, x = fused.add_norm(h, a.o_proj(join(outs)), layer.post_attention_layernorm.weight, eps)
         after = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else lm.norm.weight
         h, x = fused.add_norm(h, layer.mlp.down_proj(fused.mlp_in(F.linear(x, gate_up))), after, eps)
-    last = _cat([part.reshape(*tokens.shape, -1)[:, -1] for part, (tokens, _, _) in zip(x.split(sizes, 1), parts)], 0)
-    return list(model.lm_head(last).split([tokens.shape[0] for tokens, _, _ in parts]))
+    last = [part.reshape(*tokens.shape, -1)[:, -1] for part, (tokens, _, _) in zip(split(x), parts)]
+    return list(model.lm_head(torch.cat(last) if len(last) > 1 else last[0]).split([tokens.shape[0] for tokens, _, _ in parts]))
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:
     """(R, T, X) -> (1, R * T, X): the parts' tokens as one sequence for the products."""
     return t.reshape(1, -1, t.shape[-1])
-
-
-def _cat(tensors: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
 
 def _attention(where: Where, flash: bool):
