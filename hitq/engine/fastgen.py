@@ -690,6 +690,13 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
             else:
                 live[i] = (r, own, g, delta)
 
+    def finish_filling(prefix_logits: torch.Tensor, waited_from: float) -> None:
+        """The chunked group's prefix is in: its suffixes, then its first tokens."""
+        nonlocal filling
+        (chunks, kept, t0), filling = filling, None
+        logits = suffix_logits(model, chunks.g, device, arena, chunks.regions, 0, prefix_logits)
+        admit(chunks.g, chunks.regions[1], logits, 0, t0, kept, waited_from)
+
     while True:
         if not exhausted and len(pending) < rows:
             new = source.more(idle=not (pending or live or filling))
@@ -723,19 +730,15 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
                 break
             admit(g, owns, *prefill_group(model, g, device, kwarg, arena, (prefix, owns)), t0, kept, t0)
         if filling is not None and not live:  # nothing to decode beside it: the rest at once
-            chunks, kept, t0 = filling
-            filling, waited_from = None, time.perf_counter()
-            rest = forward_text(model, arena, *chunks.next(rest=True))
-            admit(chunks.g, chunks.regions[1], suffix_logits(model, chunks.g, device, arena, chunks.regions, 0, rest), 0, t0,
-                  kept, waited_from)
+            waited_from = time.perf_counter()
+            finish_filling(forward_text(model, arena, *filling[0].next(rest=True)), waited_from)
         if not live:  # an empty arena holds any group that passed too_large
             continue
         step = {i: (r.ids[-1], r.length + len(r.ids) - 1 + delta,
                     ((holders[id(g)][0], g.split), (own, r.length - g.split + len(r.ids) - 1)), r.forced)
                 for i, (r, own, g, delta) in live.items()}
         if filling is not None:
-            chunks, kept, t0 = filling
-            chunk_logits, next_tokens = decoder.step_with(step, chunks.next())
+            chunk_logits, next_tokens = decoder.step_with(step, filling[0].next())
             mixed += 1
         else:
             next_tokens = decoder.step(step)
@@ -749,10 +752,7 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
                 r.timing["seconds"] = now - r.timing["admitted"]
                 release(r, own, g)
         if filling is not None and filling[0].finished:
-            chunks, kept, t0 = filling
-            filling, waited_from = None, time.perf_counter()
-            admit(chunks.g, chunks.regions[1], suffix_logits(model, chunks.g, device, arena, chunks.regions, 0, chunk_logits),
-                  0, t0, kept, waited_from)
+            finish_filling(chunk_logits, time.perf_counter())
     sync()
     wall = time.perf_counter() - start
     log.info("decode: %d rows, %d positions, up to %d of %d rows live, prefill %.2f s, %d steps (%d beside prefill chunks), "
