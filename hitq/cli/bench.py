@@ -8,6 +8,7 @@ import sys
 import click
 
 from hitq.cli.options import parse_engine_opts
+from hitq.errors import UsageError
 from hitq.cli.work import GPU_BATCH
 
 DEFAULT_MODEL = "../shared/models/qwen3-vl-8b-instruct-noweights"
@@ -54,10 +55,14 @@ def bench(model_dir, data_dir, n, seed, modality, fmt, out_len, reference, basel
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(message)s")
     logging.getLogger("hitq.engine").setLevel(logging.INFO)
+    opts = parse_engine_opts(engine_opts)
+    if set(opts) & core.BENCH_SETS:
+        raise UsageError(f"--engine-opt {', '.join(sorted(set(opts) & core.BENCH_SETS))}: the bench sets "
+                               f"{', '.join(sorted(core.BENCH_SETS))} itself")
     queries = core.sample_queries(data_dir, n, seed, fmt)
     lengths = core.reference_lengths(reference, measure.tokenizer(model_dir))
     result = core.run(model_dir, data_dir, queries, lengths, modality, fmt, baseline_n, claim, out_len, table_first=table_first,
-                      engine_opts=parse_engine_opts(engine_opts))
+                      engine_opts=opts)
     result["command"] = " ".join(["hitq", *sys.argv[1:]])  # what made this JSON
     text = json.dumps(result, indent=2, default=str)
     if out_path:

@@ -53,6 +53,17 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
+def _tokens_option(name: str, value: Any) -> int | None:
+    """A token count from an engine option (None, 0 or "": off)."""
+    try:
+        n = int(value or 0)
+    except (TypeError, ValueError):
+        raise UsageError(f"engine option {name} must be a number of tokens, got {value!r}") from None
+    if n < 0:
+        raise UsageError(f"engine option {name} must be a number of tokens, got {value!r}")
+    return n or None
+
+
 def _flag(value: Any) -> bool:
     """Engine options may come from the command line as strings ("false", "0", "no")."""
     if isinstance(value, str):
@@ -240,7 +251,7 @@ class TransformersEngine:
         self.cuda_graphs = _flag(cuda_graphs)  # fast path on CUDA: decode steps replayed as CUDA graphs
         # Fast path: prefill text prefixes this many tokens at a time, each chunk in one forward with a
         # decode step (fastgen.run's chunk); off by default until measured on a GPU.
-        self.prefill_chunk = int(prefill_chunk) if prefill_chunk not in (None, "", "0", 0) else None
+        self.prefill_chunk = _tokens_option("prefill_chunk", prefill_chunk)
 
         from transformers import AutoProcessor
 

@@ -200,6 +200,9 @@ def _count(values) -> dict:
 # -- the whole bench ------------------------------------------------------------------------
 
 
+BENCH_SETS = frozenset({"device", "random_weights", "force_lengths", "fast"})  # engine options run() sets itself
+
+
 def run(model_dir: str, data_dir: str, queries: list[Query], lengths: dict[int, int], modality: str = "text",
         fmt: str = "html", baseline_n: int | None = None, claim: int = 64, out_len: int | None = None,
         device: str = "cuda", random_weights: bool = True, table_first: bool = False, engine_opts: dict | None = None) -> dict:

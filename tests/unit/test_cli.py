@@ -31,6 +31,10 @@ def one_line_error(code, output, expected):
     assert expected in lines[-1], lines[-1]
 
 
+def test_bench_refuses_engine_options_it_sets_itself(data):
+    one_line_error(*run("bench", "--data", data, "--engine-opt", "fast=false"), "the bench sets device, fast")
+
+
 def test_missing_data_dir(tmp_path):
     one_line_error(*run("enqueue", "--data", tmp_path / "nope", "--modality", "text", "--format", "html", "--engine", "fake"), "nope")
 

@@ -218,6 +218,10 @@ def test_engine_options_from_the_command_line(tiny_dir):
     assert engine.model is None and engine.dtype == torch.bfloat16 and engine.image_cap_pixels == 1000
     with pytest.raises(UsageError, match="unknown transformers engine option.*batch_size"):
         load_engine("transformers", str(tiny_dir), batch_size="4")
+    assert load_engine("transformers", str(tiny_dir), load_weights="false", prefill_chunk="2048").prefill_chunk == 2048
+    assert load_engine("transformers", str(tiny_dir), load_weights="false", prefill_chunk="0").prefill_chunk is None
+    with pytest.raises(UsageError, match="prefill_chunk must be a number of tokens, got 'lots'"):
+        load_engine("transformers", str(tiny_dir), load_weights="false", prefill_chunk="lots")
 
 
 def test_count_only_engine_cannot_generate(tiny_dir, pictures):
