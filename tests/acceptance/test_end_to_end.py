@@ -3,6 +3,7 @@ the predecessor's 28 failed rows re-run, the OOM ladder and the format-retry cap
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -131,22 +132,25 @@ def test_format_retry_cap_and_oom_in_batches_and_streams(tmp_path, data, env, st
 
 
 def test_fast_path_through_the_queue_gives_the_answers_of_generate(tmp_path, tiny, data, env):
-    """One worker drains two runs of the same queries: one through model.generate, one through
-    the fast path as a stream (jobs claimed 4, then 1 at a time while rows decode; shared
-    prefixes, continuous batching); every raw output is the same."""
+    """One worker drains runs of the same queries: through model.generate, through the fast path
+    as a stream (jobs claimed 4, then 1 at a time while rows decode; shared prefixes, continuous
+    batching), and text once more with prefixes prefilled in 64-token chunks beside the decode
+    steps (prefill_chunk); every raw output is the same."""
     db = f"sqlite:///{tmp_path / 'h.db'}"
-    for name, opts in (("slow", []), ("fast", ["--engine-opt", "fast=true"])):
-        for modality in ("text", "mix"):
-            hitq("enqueue", "--data", data, "--model", tiny, "--modality", modality, "--format", "html", "--ids", "1-6",
-                 "--max-input-tokens", "3000", "--max-new-tokens", "24", "--format-retries", "0",
-                 "--run", f"{name}_{modality}", *opts, "--db", db)
+    runs = [("slow", "text", []), ("slow", "mix", []), ("fast", "text", ["fast=true"]), ("fast", "mix", ["fast=true"]),
+            ("chunked", "text", ["fast=true", "prefill_chunk=64"])]
+    for name, modality, opts in runs:
+        hitq("enqueue", "--data", data, "--model", tiny, "--modality", modality, "--format", "html", "--ids", "1-6",
+             "--max-input-tokens", "3000", "--max-new-tokens", "24", "--format-retries", "0",
+             "--run", f"{name}_{modality}", *[a for o in opts for a in ("--engine-opt", o)], "--db", db)
     out = hitq("work", "--gpu", "cpu", "--drain", "--batch-size", "4", "--poll-seconds", "0.1", "--db", db, env=env, timeout=600)
     log = out.stdout + out.stderr
-    assert log.count("stream of 6:") == 2 and log.count("decode: 6 rows") == 2  # the fast path streamed each run
+    assert log.count("stream of 6:") == 3 and log.count("decode: 6 rows") == 3  # the fast path streamed each run
+    assert re.search(r"decode: 6 rows.*\(([1-9]\d*) beside prefill chunks\)", log)  # the chunked run mixed steps
     q = open_queue(db)
-    for modality in ("text", "mix"):
+    for name, modality, _ in runs[2:]:
         slow = {r["query_id"]: r for r in q.result_rows(f"slow_{modality}")}
-        fast = {r["query_id"]: r for r in q.result_rows(f"fast_{modality}")}
+        fast = {r["query_id"]: r for r in q.result_rows(f"{name}_{modality}")}
         assert len(slow) == len(fast) == 6
         for i in slow:
-            assert (fast[i]["raw_output"], fast[i]["status"]) == (slow[i]["raw_output"], slow[i]["status"]), (modality, i)
+            assert (fast[i]["raw_output"], fast[i]["status"]) == (slow[i]["raw_output"], slow[i]["status"]), (name, modality, i)
