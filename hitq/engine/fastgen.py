@@ -388,13 +388,13 @@ class Decoder:
         self.graph = None
         self.graphs = graphs and arena.flash
 
-    def _where(self, host: list) -> Where:
-        return Where(self.inputs[2][:, None], host, (self.starts, self.used, self.owner, self.max_k))
+    def _part(self, host: list) -> tuple:
+        """The step as a forward_text part over the static buffers: (tokens, positions, where)."""
+        tokens, positions, write = self.inputs
+        return tokens[:, None], positions[:, None], Where(write[:, None], host, (self.starts, self.used, self.owner, self.max_k))
 
     def _step(self, host: list) -> torch.Tensor:
-        tokens, positions, _ = self.inputs
-        logits = forward_text(self.model, self.arena, tokens[:, None], positions[:, None], self._where(host))
-        return greedy(logits, self.forbid, self.eos)
+        return greedy(forward_text(self.model, self.arena, *self._part(host)), self.forbid, self.eos)
 
     def _capture(self, host: list) -> None:
         stream = torch.cuda.Stream()
@@ -421,9 +421,7 @@ class Decoder:
     def step_with(self, live: dict, part: tuple) -> tuple[torch.Tensor, list[int]]:
         """The same step inside the forward of `part` (a prefill chunk: forward_parts), eager:
         one pass over the weights for both. Returns (the part's logits, every position's next token)."""
-        host = self._load(live)
-        tokens, positions, _ = self.inputs
-        part_logits, logits = forward_parts(self.model, self.arena, [part, (tokens[:, None], positions[:, None], self._where(host))])
+        part_logits, logits = forward_parts(self.model, self.arena, [part, self._part(self._load(live))])
         return part_logits, greedy(logits, self.forbid, self.eos).tolist()
 
     def _load(self, live: dict) -> list:

@@ -58,10 +58,16 @@ def _tokens_option(name: str, value: Any) -> int | None:
     try:
         n = int(value or 0)
     except (TypeError, ValueError):
-        raise UsageError(f"engine option {name} must be a number of tokens, got {value!r}") from None
+        n = -1
     if n < 0:
         raise UsageError(f"engine option {name} must be a number of tokens, got {value!r}")
     return n or None
+
+
+def _sizes(batch: list[Prepared]) -> str:
+    """A batch's size, for out-of-memory messages."""
+    tokens = [p.count.tokens for p in batch]
+    return f"batch of {len(batch)}, prompt tokens {sum(tokens)} (longest {max(tokens)}), max_new_tokens {max(p.max_new_tokens for p in batch)}"
 
 
 def _flag(value: Any) -> bool:
@@ -451,8 +457,7 @@ class TransformersEngine:
             return []
         if self.model is None:
             raise EngineError("this engine was loaded without weights (load_weights=False): it can only count")
-        prompt_tokens = [p.count.tokens for p in batch]
-        sizes = f"batch of {len(batch)}, prompt tokens {sum(prompt_tokens)} (longest {max(prompt_tokens)}), max_new_tokens {max(p.max_new_tokens for p in batch)}"
+        sizes = _sizes(batch)
         if self.oom_injector is not None and (clause := self.oom_injector.fires(batch)):
             raise EngineOOM(f"injected out of memory ({clause}) on {self.device}: {sizes}")
         if self.device.type == "cuda":
@@ -469,28 +474,18 @@ class TransformersEngine:
 
     def _generate_padded(self, batch: list[Prepared], settings: GenerationSettings) -> list[Output]:
         """One left-padded `model.generate` call for `batch`."""
-        prompt_tokens = [p.count.tokens for p in batch]
-        sizes = f"batch of {len(batch)}, prompt tokens {sum(prompt_tokens)} (longest {max(prompt_tokens)}), max_new_tokens {max(p.max_new_tokens for p in batch)}"
-        oom = None
-        try:
+
+        def run() -> tuple:
             inputs = self.collate(batch)
             prompt_len = inputs["input_ids"].shape[1]
             watch = _StepWatch(
                 self.tokenizer, prompt_len, [p.max_new_tokens for p in batch], [p.stop_at_answer for p in batch], self.device
             )
             sequences, prefill_s, decode_s = self._run(inputs, watch, max(p.max_new_tokens for p in batch), settings)
-            rows = self._finish(batch, sequences[:, prompt_len:].cpu(), watch)
-        except Exception as e:  # noqa: BLE001
-            if not _is_oom(e):
-                raise
-            oom = _one_line(e)
-        if oom is not None:  # outside the except block: the traceback no longer pins the tensors
-            inputs = sequences = None
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise EngineOOM(f"out of memory on {self.device}: {sizes}: {oom}")
-        reserved = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
+            return self._finish(batch, sequences[:, prompt_len:].cpu(), watch), prefill_s, decode_s
+
+        rows, prefill_s, decode_s = self._oom_as_engine_oom(run, _sizes(batch))
+        reserved = self._peak_reserved()
         seconds = prefill_s + decode_s
         outputs = []
         for p, (text, n_out) in zip(batch, rows):
@@ -528,7 +523,7 @@ class TransformersEngine:
                                    self.device, kwarg, lambda: _device_sync(self.device), self.cuda_graphs, self.prefill_chunk)
 
         timing = self._oom_as_engine_oom(run, sizes)
-        reserved = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
+        reserved = self._peak_reserved()
         extra = dict(timing, batch_size=decode_rows, max_memory_reserved=reserved)
         outputs = {id(r.prepared): self._output(r, g, extra, timing["seconds"] / timing["rows"]) for g in groups for r in g.rows}
         return [outputs[id(p)] for p in batch]
@@ -576,11 +571,22 @@ class TransformersEngine:
         self._oom_as_engine_oom(run, "in a stream")
         return [r.prepared for g in source.given_back for r in g.rows]
 
+    def _peak_reserved(self) -> int | None:
+        return torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
+
     def _output(self, r, g, extra: dict, seconds: float) -> Output:
         """A fast-path row as an Output."""
         extra = dict(extra, input_tokens=r.prepared.count.tokens, shared_prefix=g.split if len(g.rows) > 1 else 0,
                      group_prefill_s=r.timing.get("prefill_s"), latency_s=r.timing.get("seconds"), forced_length=r.forced)
         return Output(r.prepared.key, self.tokenizer.decode(r.ids, skip_special_tokens=True), len(r.ids), seconds, extra)
+
+    def _generation(self) -> str:
+        if not self.fast:
+            return "model.generate"
+        parts = ["shared prefixes", "continuous batching"]
+        parts += ["CUDA-graph decode"] if self.cuda_graphs and self.device.type == "cuda" else []
+        parts += [f"prefill chunks of {self.prefill_chunk} beside decode steps"] if self.prefill_chunk else []
+        return f"fastgen ({', '.join(parts)})"
 
     def describe(self) -> dict:
         """Device name, library versions, dtype and attention kernel, for result rows and reports."""
@@ -599,9 +605,7 @@ class TransformersEngine:
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.attn,
             "weights": self.weights,
-            "generation": (("fastgen (shared prefixes, continuous batching, CUDA-graph decode)" if self.cuda_graphs and self.device.type == "cuda"
-                            else "fastgen (shared prefixes, continuous batching)")
-                           + (f", prefill chunks of {self.prefill_chunk} beside decode steps" if self.prefill_chunk else "")) if self.fast else "model.generate",
+            "generation": self._generation(),
             "parameters": sum(p.numel() for p in self.model.parameters()) if self.model is not None else None,
         }
 
@@ -624,8 +628,8 @@ class _Stream:
         return fastgen.make_groups(rows, e.image_token_id)
 
     def finished(self, row, group) -> None:
-        reserved = torch.cuda.max_memory_reserved(self.engine.device) if self.engine.device.type == "cuda" else None
-        self.done(row.prepared, self.engine._output(row, group, {"max_memory_reserved": reserved, "stream": True}, row.timing["seconds"]))
+        extra = {"max_memory_reserved": self.engine._peak_reserved(), "stream": True}
+        self.done(row.prepared, self.engine._output(row, group, extra, row.timing["seconds"]))
 
     def too_large(self, group, positions: int) -> None:
         for r in group.rows:
