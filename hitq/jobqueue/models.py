@@ -31,7 +31,7 @@ jobs = sa.Table(
     sa.Column("question", sa.Text, nullable=False),
     sa.Column("reference", sa.Text, nullable=False),
     sa.Column("prefix_key", sa.String(64), nullable=False),
-    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),  # 0, or 1: claimed first (Queue.claim)
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("max_attempts", sa.Integer, nullable=False, server_default="3"),

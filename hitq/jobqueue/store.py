@@ -1,10 +1,11 @@
 """Every SQL statement hitq runs, as methods of `Queue`, named by operation.
 
-The claim protocol (design.md §4): a claim takes pending jobs in (priority, prefix_key, id) order,
-sets a lease and bumps the job's `fence`; finish/fail/release only apply while the caller's fence is
-still the job's fence, so a worker that lost its lease can never overwrite a newer result. The only
-dialect branch is how the claimer locks: PostgreSQL `FOR UPDATE SKIP LOCKED`, SQLite the write
-lock taken by `BEGIN IMMEDIATE` (see database.py).
+The claim protocol (design.md §4): a claim takes pending jobs in (priority, prefix_key, id) order
+(a share of the priority groups per claim), sets a lease and bumps the job's `fence`;
+finish/fail/release only apply while the caller's fence is still the job's fence, so a worker that
+lost its lease can never overwrite a newer result. The only dialect branch is how the claimer
+locks: PostgreSQL `FOR UPDATE SKIP LOCKED`, SQLite the write lock taken by `BEGIN IMMEDIATE` (see
+database.py).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from hitq.jobqueue.models import events, jobs, runs, workers
 # What makes a job the same query: re-enqueueing an id with other values is refused, not ignored.
 IDENTITY_FIELDS = ("file_name", "question_type", "sub_q_type", "question", "reference")
 CHUNK = 500  # rows per INSERT/UPDATE statement in bulk operations
+PRIORITY_SHARE = 1 / 16  # of a claim's limit, in priority groups (see Queue.claim)
 RESULT_FIELDS = (
     "prediction", "raw_output", "original_tokens", "input_tokens", "output_tokens", "truncated",
     "rows_dropped", "image_pixels_before", "image_pixels_after", "processing_time", "details",
@@ -183,19 +185,28 @@ class Queue:
 
     @retried
     def claim(self, worker: str, limit: int, lease_s: float, run_ids: list[int] | None = None) -> list[Job]:
-        """Take up to `limit` pending jobs (whole prefix groups first) under a lease of `lease_s`."""
+        """Take up to `limit` pending jobs (whole prefix groups first) under a lease of `lease_s`.
+        Of the priority groups (priority 1) one claim takes at most PRIORITY_SHARE of `limit`
+        (one group at least), so that the workers starting together share them: they are the
+        long answers, and one worker holding all of them would end last."""
         with self.engine.begin() as conn:
             now = self._now(conn)
             self.reap(conn, now)
-            pick = sa.select(jobs.c.id).where(jobs.c.status == "pending")
-            if run_ids is not None:
-                pick = pick.where(jobs.c.run_id.in_(run_ids))
-            pick = pick.order_by(jobs.c.priority.desc(), jobs.c.prefix_key, jobs.c.id).limit(limit)
-            if self.is_postgres:
-                pick = pick.with_for_update(skip_locked=True)
+            pending = [jobs.c.status == "pending"] + ([jobs.c.run_id.in_(run_ids)] if run_ids is not None else [])
+            first_keys = (sa.select(jobs.c.prefix_key).where(*pending, jobs.c.priority > 0).group_by(jobs.c.prefix_key)
+                          .order_by(jobs.c.prefix_key).limit(max(1, int(limit * PRIORITY_SHARE))))
+            ids = []
+            # the rest (priority 0) is read from ix_jobs_claim in claim order, with no sort of the run
+            for which in ((jobs.c.priority > 0) & jobs.c.prefix_key.in_(first_keys.scalar_subquery()), jobs.c.priority == 0):
+                if len(ids) < limit:
+                    pick = (sa.select(jobs.c.id).where(*pending, which, jobs.c.id.not_in(ids))
+                            .order_by(jobs.c.prefix_key, jobs.c.id).limit(limit - len(ids)))
+                    if self.is_postgres:
+                        pick = pick.with_for_update(skip_locked=True)
+                    ids += conn.execute(pick).scalars().all()
             claimed = conn.execute(
                 sa.update(jobs)
-                .where(jobs.c.id.in_(pick.scalar_subquery()))
+                .where(jobs.c.id.in_(ids))
                 .values(
                     status="running", lease_owner=worker, lease_expires_at=now + lease_s, fence=jobs.c.fence + 1,
                     attempts=jobs.c.attempts + 1, started_at=now, queue_time=now - jobs.c.created_at,
@@ -203,7 +214,8 @@ class Queue:
                 .returning(*[jobs.c[f] for f in Job.__dataclass_fields__])
             ).mappings().all()
             self._log(conn, now, "claimed", [(r["id"], r["fence"]) for r in claimed], worker)
-        return sorted((Job(**r) for r in claimed), key=lambda j: (j.prefix_key, j.id))
+        order = {job_id: i for i, job_id in enumerate(ids)}  # priority groups first; a cut group last
+        return sorted((Job(**r) for r in claimed), key=lambda j: order[j.id])
 
     def heartbeat(self, worker: str, held: dict[int, int], lease_s: float) -> set[int]:
         """Extend the leases of `held` ({job id: fence}); returns the ids this worker still owns."""
