@@ -25,3 +25,21 @@ def test_bench_runs_both_paths_on_the_same_queries(tiny_model, tmp_path):
     assert result["logit_check"]["argmax_agree"] == result["logit_check"]["rows"]
     assert result["logit_check"]["max_rel_error"] < 1e-4
     assert result["ratio_b_over_a"] > 0 and 0 < b["floor_fraction_all_prefilled"]
+    probes = a["decode_probes"]  # the shortest and the longest timed prompt, 129 forced tokens each
+    assert [r[2] for r in probes] == [129, 129] and probes[0][1] <= probes[1][1]
+    assert a["modelled_on_all_queries"]["fitted_on"] == 2 + len(probes)
+
+
+def test_the_modelled_baseline_takes_no_negative_work():
+    """modelled_seconds: exact data of a non-negative model are fitted exactly; noisy short
+    answers, where plain least squares makes decode context cost negative, get coefficients >= 0."""
+    flops = {i: (i + 1) * 1e14 for i in range(8)}
+    true = [0.05, 2.5, 0.03, 0.01]
+    timed = [[i, 1000 * (i + 1), out, true[0] + true[1] * flops[i] / 1e15 + out * (true[2] + true[3] * (i + 1) / 100)]
+             for i, out in enumerate([1, 2, 5, 3, 200, 7, 2, 150])]
+    fit = bench.modelled_seconds(timed, {"flops": flops}, {i: (1000 * (i + 1), 10) for i in range(8)})
+    assert fit["coefficients"] == pytest.approx(true, rel=1e-6)
+    noisy = [r[:3] + [r[3] * (1.3 if r[2] > 100 and r[0] > 5 else 1.0)] for r in timed]  # the long answer at long context: slower
+    noisy[4][3] *= 1.8  # the long answer at short context: far slower
+    fit = bench.modelled_seconds(noisy, {"flops": flops}, {i: (1000 * (i + 1), 10) for i in range(8)})
+    assert min(fit["coefficients"]) >= 0 and fit["fitted_on"] == 8 and fit["queries_per_s"] > 0
