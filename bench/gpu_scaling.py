@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hitq.benchmark import prompts
 from hitq.benchmark.query import job_rows
+from hitq.cli.options import parse_engine_opts
 from hitq.engine import measure
 from hitq.jobqueue import open_queue
 from hitq.runconfig import RunConfig
@@ -30,6 +31,7 @@ p.add_argument("--model", required=True)
 p.add_argument("--reference", required=True)
 p.add_argument("-n", type=int, default=300)
 p.add_argument("--gpus", default="0..1")
+p.add_argument("--engine-opt", action="append", default=[], metavar="KEY=VALUE", help="as hitq bench --engine-opt")
 args = p.parse_args()
 
 queries = bench.sample_queries(args.data, args.n)
@@ -37,7 +39,7 @@ lengths = bench.reference_lengths(args.reference, measure.tokenizer(args.model))
 median = sorted(lengths.values())[len(lengths) // 2]
 forced = {str(q.id): min(lengths.get(q.id, median), prompts.default_max_new_tokens(q)) for q in queries}
 config = RunConfig(modality="text", format="html", data_dir=str(Path(args.data).resolve()), model_dir=str(Path(args.model).resolve()),
-                   format_retries=0, extra={"bench": True, "engine_opts": {"random_weights": True, "force_lengths": forced}})
+                   format_retries=0, extra={"bench": True, "engine_opts": {**parse_engine_opts(tuple(args.engine_opt)), "random_weights": True, "force_lengths": forced}})
 config = RunConfig(**{**config.to_json(), "prompts_hash": prompts.load_prompt_set(config.prompts).sha256})
 out = {"command": "python bench/gpu_scaling.py " + " ".join(sys.argv[1:]), "queries": len(queries), "tables": len({q.file_name for q in queries}), "forced_output_tokens": sum(forced.values())}
 

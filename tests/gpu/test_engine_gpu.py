@@ -103,8 +103,10 @@ def test_fast_path_on_cuda_equals_generate_and_its_cuda_graph_equals_eager_steps
     batch = [fp32.prepare(k, m, LIMITS, n, False, key) for k, m, n, key in reqs]
     fast = fp32.generate(batch, GREEDY)
     assert max(o.extra["most_live"] for o in fast) == 2
+    fp32.prefill_chunk = 64  # prefixes admitted beside live rows go in 64-token chunks, each with a decode step
+    chunked = fp32.generate(batch, GREEDY)
     fp32.fast = False
-    assert texts(fast) == texts([fp32.generate([p], GREEDY)[0] for p in batch])
+    assert texts(fast) == texts(chunked) == texts([fp32.generate([p], GREEDY)[0] for p in batch])
 
     bf16 = TransformersEngine(model_dir, device="cuda", fast=True, max_batch_rows=2)
     batch = [bf16.prepare(k, m, LIMITS, n, False, key) for k, m, n, key in reqs]
@@ -140,6 +142,40 @@ def test_flash_attention_over_the_arena_equals_the_reference_path():
         got = fastgen._attend_suffix(q, k, v, where, scale).float()
         want = fastgen._attend_reference(q.float(), k.float(), v.float(), where, scale)
         assert (got - want).abs().max() < 2e-2
+
+
+@torch.inference_mode()
+def test_a_prefill_chunk_and_a_decode_step_in_one_forward_equal_each_run_alone(tiny_engine):
+    """bf16 on the flash path: a 700-token prefix prefilled in 256-token chunks, each chunk in one
+    forward with a decode step of another row (forward_parts), gives the logits of the prefix
+    prefilled at once, and every step the logits of that step run alone."""
+    from types import SimpleNamespace
+
+    from hitq.engine import fastgen
+
+    model = tiny_engine.model
+    torch.manual_seed(0)
+    n = 700
+    ids = torch.randint(100, model.config.text_config.vocab_size, (1, n))
+    group = SimpleNamespace(split=n, rows=[SimpleNamespace(prepared=SimpleNamespace(inputs={"input_ids": ids}))])
+    arena = fastgen.Arena(model, 8192)
+    whole = fastgen.forward_text(model, arena, *fastgen.Chunks(group, (0, []), "cuda", n).next())
+    decoder = fastgen.Decoder(model, arena, rows=4, max_k=8192, eos_ids=[0], graphs=False)
+    live = {1: (int(ids[0, 5]), n, ((0, n), (2000, 0)), False)}  # decode position 1 reads the prefix at 0
+
+    def step():
+        return decoder._part(decoder._load(live))
+
+    def rel(got, want):
+        return float((got.float() - want.float()).norm() / want.float().norm())
+
+    [alone] = fastgen.forward_parts(model, arena, [step()])
+    chunks, mixed = fastgen.Chunks(group, (4000, []), "cuda", 256), 0
+    while not chunks.finished:
+        chunk_logits, step_logits = fastgen.forward_parts(model, arena, [chunks.next(), step()])
+        assert rel(step_logits[1], alone[1]) < 2e-2
+        mixed += 1
+    assert mixed == 3 and rel(chunk_logits, whole) < 2e-2
 
 
 @pytest.mark.parametrize("R,T", [(64, 1), (1, 4099)])  # a decode step, a prefill
