@@ -158,16 +158,15 @@ def modelled_seconds(per_query: list, work: dict, everyone: dict) -> dict:
 
     x = np.array([row(q, p, o) for q, p, o, _ in per_query])
     y = np.array([t for *_, t in per_query])
-    best = None  # non-negative least squares for 4 unknowns: the best of the fits on each subset of them
+    fits = []  # non-negative least squares for 4 unknowns: the best of the fits on each subset of them
     for k in range(1, x.shape[1] + 1):
         for cols in itertools.combinations(range(x.shape[1]), k):
             sub, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
             if (sub >= 0).all():
                 coef = np.zeros(x.shape[1])
                 coef[list(cols)] = sub
-                err = float(((x @ coef - y) ** 2).sum())
-                best = min(best or (err, coef), (err, coef), key=lambda b: b[0])
-    coef = best[1]
+                fits.append((float(((x @ coef - y) ** 2).sum()), coef))
+    coef = min(fits, key=lambda fit: fit[0])[1]
     total = float(sum(np.array(row(q, p, o)) @ coef for q, (p, o) in everyone.items()))
     return {"formula": "t = c0 + c1*PFLOPs + O*(c2 + c3*P/1e5), c >= 0", "coefficients": [float(c) for c in coef],
             "fitted_on": len(per_query), "seconds_all_queries": total, "queries": len(everyone),
