@@ -8,8 +8,8 @@ import sys
 import click
 
 from hitq.cli.options import parse_engine_opts
-from hitq.errors import UsageError
 from hitq.cli.work import GPU_BATCH
+from hitq.errors import UsageError
 
 DEFAULT_MODEL = "../shared/models/qwen3-vl-8b-instruct-noweights"
 DEFAULT_REFERENCE = "../shared/reference-runs/qwen3-vl-8b-text_html/results.json"

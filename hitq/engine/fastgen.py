@@ -589,7 +589,6 @@ class Chunks:
         n = self.g.split - done if rest else min(self.size, self.g.split - done)
         self.done += n
         positions = torch.arange(done, done + n, device=self.device)[None]
-        # a later chunk reads the prefix before it in full and itself causally
         where = Where(positions + prefix, [[(prefix, done), (prefix + done, n)]], first=done == 0)
         return self.ids[done : done + n][None], positions, where
 

@@ -256,7 +256,7 @@ class TransformersEngine:
         self.kv_budget_tokens = int(kv_budget_tokens) if kv_budget_tokens is not None else None
         self.cuda_graphs = _flag(cuda_graphs)  # fast path on CUDA: decode steps replayed as CUDA graphs
         # Fast path: prefill text prefixes this many tokens at a time, each chunk in one forward with a
-        # decode step (fastgen.run's chunk); off by default until measured on a GPU.
+        # decode step (fastgen.run's chunk); off by default: slower on an H100 (bench/README.md).
         self.prefill_chunk = _tokens_option("prefill_chunk", prefill_chunk)
 
         from transformers import AutoProcessor
