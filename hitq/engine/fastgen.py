@@ -1,7 +1,7 @@
 """Greedy generation for Qwen3-VL with shared prefixes and continuous batching (gpt-fast style).
 
     arena = Arena(model, positions)                           # the KV cache of every live request
-    firsts, delta = prefill_group(model, group, device, kwarg, arena, starts)  # prefix once, suffix per row
+    firsts, delta = prefill_group(model, group, device, kwarg, arena, starts)  # prefix once, then suffixes
     decoder = Decoder(model, arena, rows, max_k, eos_ids, graphs=True)        # one step, a CUDA graph
     next_tokens = decoder.step(live)                          # every live request at once
     figures = run(model, groups, positions, rows, ...)        # rows admitted as others stop
@@ -155,7 +155,8 @@ class Where:
 def slots(host: list, S: int, scratch: int, smallest: int = 1024) -> tuple[list, list, list, int]:
     """Cut every row's segments into pieces of one size (at least `smallest`, and small enough
     that all pieces fit in S slots); returns per slot (start, used, owner row), the unused slots
-    reading the scratch position for a row R that nobody reads, and the piece size. Equal pieces
+    last, reading the scratch position for a row R that nobody reads, and the piece size. A row
+    without segments (an idle decode position) gets no slot. Equal pieces
     keep the thread blocks of one flash call equally busy: the longest piece sets its time."""
     segments = [(r, start, n) for r, row in enumerate(host) for start, n in row if n > 0]
     if len(segments) >= S:
@@ -281,7 +282,8 @@ def _merge_into_rows_eager(outs: torch.Tensor, lses: torch.Tensor, owner: torch.
     weights = torch.exp(lses - top[owner])
     total = torch.zeros(shape, **on).index_add_(0, owner, weights)
     summed = torch.zeros(shape + outs.shape[-1:], **on).index_add_(0, owner, outs.to(lses.dtype) * weights[..., None])
-    return (summed[:R] / total[:R, ..., None]).to(outs.dtype)
+    # A row's largest slot weighs exp(0) = 1, so total >= 1; a row without slots (idle) gets 0, not 0/0.
+    return (summed[:R] / total[:R, ..., None].clamp_min(1)).to(outs.dtype)
 
 
 _merge, _merge_into_rows = fused.Kernel(_merge_eager), fused.Kernel(_merge_into_rows_eager)
@@ -300,14 +302,19 @@ def slot_tables(owner: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor
 
 def _attend_decode(q, k, v, where: Where, scale) -> torch.Tensor:
     """One new token per row, all slots in one attention call. The G query heads of each KV head
-    become G query "tokens" of an MHA call, so each K/V block is read once for all of them."""
+    become G query "tokens" of an MHA call, so each K/V block is read once for all of them.
+    The used slots come first (`slots`); the unused ones get no queries, so their thread blocks
+    return at once (with G queries each, 512 idle slots cost 4 ms a step on an H200:
+    bench/probe-group-h200.json)."""
     R, Hq, _, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     starts, used, owner, max_k = where.slots
     S = owner.shape[0]
     if where.decode is None:  # the same for every layer
-        where.decode = (torch.arange(0, S * G + 1, G, dtype=torch.int32, device=q.device),) + slot_tables(owner, R)
+        busy = (owner < R).sum().to(torch.int32)
+        cu_q = torch.arange(S + 1, dtype=torch.int32, device=q.device).clamp_max(busy) * G
+        where.decode = (cu_q,) + slot_tables(owner, R)
     cu_q, row, table = where.decode
     packed = q[:, :, 0].reshape(R, Hkv, G, D).transpose(1, 2).reshape(R, G * Hkv * D).index_select(0, row)
     out, lse = _efficient(packed.view(S * G, Hkv, D), k, v, cu_q, starts, used, G, max_k, scale)
@@ -370,8 +377,8 @@ def _attend_reference(q, k, v, where: Where, scale) -> torch.Tensor:
 class Decoder:
     """One greedy decode step over `rows` decode positions: next tokens (EOS forbidden on forced
     rows). On the flash path (graphs=True) the step is captured once as a CUDA graph and
-    replayed; its inputs are copied into static buffers first. Idle positions read and write
-    the arena's scratch position."""
+    replayed; its inputs are copied into static buffers first. Idle positions write the arena's
+    scratch position and, on the flash path, read nothing."""
 
     SLOTS_PER_ROW = 8  # attention "sequences" per decode position (pieces of the rows' segments)
 
@@ -430,7 +437,7 @@ class Decoder:
         idle = (0, 0, ((scratch, 1), (scratch, 0)), False)
         cols = [live.get(i, idle) for i in range(self.rows)]
         host = [[pre, (own, n + 1)] for _, _, (pre, (own, n)), _ in cols]
-        starts, used, owner, _ = slots(host, self.owner.shape[0], scratch)
+        starts, used, owner, _ = slots([row if i in live else [] for i, row in enumerate(host)], self.owner.shape[0], scratch)
         write = [own + n for _, _, (_, (own, n)), _ in cols]
         self.inputs.copy_(torch.tensor([[c[0] for c in cols], [c[1] for c in cols], write]), non_blocking=True)
         self.starts.copy_(torch.tensor(starts, dtype=torch.int32), non_blocking=True)
@@ -539,8 +546,8 @@ def _to_device(inputs: dict, model, device) -> dict:
 
 
 def prefill_group(model, g: Group, device, kwarg: str, arena: Arena | None = None, regions: tuple | None = None):
-    """Prefill the group's prefix once (transformers) into its region of `arena`, then each
-    row's own suffix into the row's region. regions: (prefix start, [own start per row]).
+    """Prefill the group's prefix once into its region of `arena` and each row's own suffix into
+    the row's region. regions: (prefix start, [own start per row]).
     Returns (first-token logits of each row, the rope delta of the group)."""
     if arena is None:
         arena = Arena(model, g.positions)
@@ -551,27 +558,29 @@ def prefill_group(model, g: Group, device, kwarg: str, arena: Arena | None = Non
         logits, cache, delta = prefill(model, inputs, g.split, kwarg)
         arena.load(prefix, cache, g.split)
         del cache
-    else:  # text: straight into the arena, fused causal attention (rope positions 0.., delta 0)
-        delta = 0
-        logits = forward_text(model, arena, *Chunks(g, regions, device, g.split).next())
-    return suffix_logits(model, g, device, arena, regions, delta, logits), delta
+        return row_logits(model, g, device, arena, regions, delta, prefix_logits=logits), delta
+    # text: straight into the arena (rope positions 0.., delta 0), prefix and suffixes in one forward
+    return row_logits(model, g, device, arena, regions, 0, prefix_part=Chunks(g, regions, device, g.split).next()), 0
 
 
-def suffix_logits(model, g: Group, device, arena: Arena, regions: tuple, delta: int, prefix_logits: torch.Tensor) -> list:
-    """Each row's own suffix (its question) into its region after the prefilled prefix; returns
-    each row's first-token logits (the prefix's own for a row without a suffix)."""
+def row_logits(model, g: Group, device, arena: Arena, regions: tuple, delta: int, prefix_logits=None, prefix_part=None) -> list:
+    """Each row's first-token logits: every row's own suffix (its question) into its region after
+    the prefix, all in one forward (with `prefix_part`, the prefix's last part too: its K/V are
+    written before any suffix reads them, layer by layer). A row without a suffix gets the
+    prefix's own logits (`prefix_logits`, or those of `prefix_part`)."""
     prefix, owns = regions
-    out = []
+    parts, has_suffix = [prefix_part] if prefix_part is not None else [], []
     for own, r in zip(owns, g.rows):
         ids = r.prepared.inputs["input_ids"][0]
-        if ids.numel() > g.split:  # the question's own tokens, on this row only
+        has_suffix.append(ids.numel() > g.split)
+        if has_suffix[-1]:
             suffix = ids[g.split :].to(device)[None]
             positions = torch.arange(g.split, ids.numel(), device=device)[None] + delta
-            where = Where.rows([((prefix, g.split), (own, 0))], suffix.shape[1], device)
-            out.append(forward_text(model, arena, suffix, positions, where))
-        else:
-            out.append(prefix_logits)
-    return out
+            parts.append((suffix, positions, Where.rows([((prefix, g.split), (own, 0))], suffix.shape[1], device)))
+    logits = iter(forward_parts(model, arena, parts) if parts else [])
+    if prefix_part is not None:
+        prefix_logits = next(logits)
+    return [next(logits) if suffix else prefix_logits for suffix in has_suffix]
 
 
 class Chunks:
@@ -685,11 +694,12 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
             else:
                 live[i] = (r, own, g, delta)
 
-    def finish_filling(prefix_logits: torch.Tensor, waited_from: float) -> None:
-        """The chunked group's prefix is in: its suffixes, then its first tokens."""
+    def finish_filling(waited_from: float, **prefix) -> None:
+        """The chunked group's prefix is in (or its last part goes with the suffixes): its
+        suffixes, then its first tokens. prefix: row_logits' prefix_logits or prefix_part."""
         nonlocal filling
         (chunks, kept, t0), filling = filling, None
-        logits = suffix_logits(model, chunks.g, device, arena, chunks.regions, 0, prefix_logits)
+        logits = row_logits(model, chunks.g, device, arena, chunks.regions, 0, **prefix)
         admit(chunks.g, chunks.regions[1], logits, 0, t0, kept, waited_from)
 
     while True:
@@ -726,7 +736,7 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
             admit(g, owns, *prefill_group(model, g, device, kwarg, arena, (prefix, owns)), t0, kept, t0)
         if filling is not None and not live:  # nothing to decode beside it: the rest at once
             waited_from = time.perf_counter()
-            finish_filling(forward_text(model, arena, *filling[0].next(rest=True)), waited_from)
+            finish_filling(waited_from, prefix_part=filling[0].next(rest=True))
         if not live:  # an empty arena holds any group that passed too_large
             continue
         step = {i: (r.ids[-1], r.length + len(r.ids) - 1 + delta,
@@ -747,7 +757,7 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
                 r.timing["seconds"] = now - r.timing["admitted"]
                 release(r, own, g)
         if filling is not None and filling[0].finished:
-            finish_filling(chunk_logits, time.perf_counter())
+            finish_filling(time.perf_counter(), prefix_logits=chunk_logits)
     sync()
     wall = time.perf_counter() - start
     log.info("decode: %d rows, %d positions, up to %d of %d rows live, prefill %.2f s, %d steps (%d beside prefill chunks), "

@@ -46,9 +46,12 @@ class Feeder(threading.Thread):
                 if not new:
                     break
                 jobs, held = held + new, []
-                tail = [j for j in jobs if j.prefix_key is not None and j.prefix_key == jobs[-1].prefix_key]
+                # The last group may be cut. Its jobs need not be contiguous: the held part comes
+                # first, and a claim returns its priority groups before the rest.
+                last = jobs[-1].prefix_key
+                tail = [j for j in jobs if last is not None and j.prefix_key == last]
                 if 0 < len(tail) < len(jobs):
-                    jobs, held = jobs[: -len(tail)], tail
+                    jobs, held = [j for j in jobs if j.prefix_key != last], tail
                 self._prepare(jobs)
             if self.stopping():
                 self.ready.put(("given_back", held))

@@ -90,6 +90,7 @@ def child_main(spec: WorkerSpec, current) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s [worker {spec.device}/{spec.slot} pid {os.getpid()}] %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from hitq.errors import HitqError
     from hitq.jobqueue.database import is_transient, one_line_pool_errors
 
     one_line_pool_errors()
@@ -101,8 +102,11 @@ def child_main(spec: WorkerSpec, current) -> None:
         if is_transient(e):  # the database stayed away past the retry policy: let the supervisor restart us
             log.error("worker stopped: database unavailable: %s", reason, extra={"action": "db_unavailable"})
             code = EXIT_DB
-        else:
+        elif isinstance(e, HitqError):  # what the user can fix: one line
             log.error("worker stopped: %s", reason, extra={"action": "fatal"})
+            code = EXIT_FATAL
+        else:  # a bug: its name and the traceback, for the report
+            log.error("worker stopped: unexpected %s: %s", type(e).__name__, reason, exc_info=True, extra={"action": "fatal"})
             code = EXIT_FATAL
     sys.stderr.flush()
     os._exit(code)

@@ -127,14 +127,14 @@ def test_flash_attention_over_the_arena_equals_the_reference_path():
     v = torch.randn(N, Hkv, D, device="cuda", dtype=torch.bfloat16)
     scale = D**-0.5
     host = [[(0, 20_000), (30_000, 700)], [(0, 20_000), (31_000, 5)], [(40_000, 3_000), (45_000, 1)], [(N - 1, 1), (N - 1, 1)]]
-    starts, used, owner, size = fastgen.slots(host, 32, scratch=N - 1)
+    starts, used, owner, size = fastgen.slots(host + [[]], 32, scratch=N - 1)  # the last row idle: no slots
     as_int = {"dtype": torch.int32, "device": "cuda"}
-    where = fastgen.Where(None, host, (torch.tensor(starts, **as_int), torch.tensor(used, **as_int),
-                                       torch.tensor(owner, device="cuda"), 20_000))
-    q = torch.randn(len(host), Hkv * G, 1, D, device="cuda", dtype=torch.bfloat16)
+    where = fastgen.Where(None, host + [host[-1]], (torch.tensor(starts, **as_int), torch.tensor(used, **as_int),
+                                                    torch.tensor(owner, device="cuda"), 20_000))
+    q = torch.randn(len(host) + 1, Hkv * G, 1, D, device="cuda", dtype=torch.bfloat16)
     got = fastgen._attend_decode(q, k, v, where, scale).float()
-    want = fastgen._attend_reference(q.float(), k.float(), v.float(), where, scale)
-    assert (got - want).abs().max() < 2e-2
+    want = fastgen._attend_reference(q[:-1].float(), k.float(), v.float(), fastgen.Where(None, host), scale)
+    assert (got[:-1] - want).abs().max() < 2e-2 and not got[-1].any()
 
     for T in (1, 9):  # a question's suffix can be a single token
         where = fastgen.Where(None, [[(0, 20_000), (30_000, T)], [(40_000, 3_000), (45_000, T)]])

@@ -148,6 +148,35 @@ def test_decode_slots_and_their_merge_equal_attention_row_by_row(monkeypatch, sm
         fastgen.slots(host, 4, scratch=N - 1)
 
 
+def test_an_idle_decode_row_reads_nothing_and_unused_slots_get_no_queries(monkeypatch):
+    """Decoder._load gives an idle decode position no segments: it gets no slot and a zero
+    attention output (not 0/0), the busy rows are unchanged, and the unused slots, which come
+    last, get no queries (so their thread blocks return at once)."""
+    from hitq.engine import fastgen
+
+    torch.manual_seed(2)
+    N, Hkv, G, D = 400, 2, 3, 8
+    k, v = torch.randn(N, Hkv, D), torch.randn(N, Hkv, D)
+    busy = [[(0, 120), (200, 7)], [(130, 33), (250, 40)]]
+    starts, used, owner, _ = fastgen.slots(busy[:1] + [[]] + busy[1:], 16, scratch=N - 1, smallest=16)
+    assert 1 not in owner and owner[-1] == 3 and sorted(owner) == owner
+    calls = []
+
+    def efficient(q, k, v, cu_q, starts, used, max_q, max_k, scale):
+        calls.append(cu_q)
+        return _flash_on_cpu(q, k, v, cu_q, starts, used, max_q, max_k, False, scale)
+
+    monkeypatch.setattr(fastgen, "_efficient", efficient)
+    q = torch.randn(3, Hkv * G, 1, D)
+    where = fastgen.Where(None, busy[:1] + [[(N - 1, 1), (N - 1, 1)]] + busy[1:],
+                          (torch.tensor(starts), torch.tensor(used), torch.tensor(owner), 120))
+    got = fastgen._attend_decode(q, k, v, where, D**-0.5)
+    want = fastgen._attend_reference(q[[0, 2]], k, v, fastgen.Where(None, busy), D**-0.5)
+    assert torch.allclose(got[[0, 2]], want, atol=1e-5) and torch.equal(got[1], torch.zeros_like(got[1]))
+    used_slots = sum(o < 3 for o in owner)
+    assert calls[0].tolist() == [G * min(s, used_slots) for s in range(17)]
+
+
 def test_suffix_attention_merges_prefix_and_causal_own_region(monkeypatch):
     from hitq.engine import fastgen
 

@@ -44,6 +44,22 @@ def test_lots_keep_prefix_groups_whole_and_failed_jobs_are_counted():
     assert lots == [3, 3, 3, 1, 0] and feeder.unfinished == 0
 
 
+def test_a_held_group_continued_after_a_priority_group_is_handed_out_once():
+    """A claim returns its priority groups first, so the rest of a held group can come after
+    another group's jobs: the held group is every job of its key, not the lot's last ones."""
+    keys = ["a", "x", "x", "p", "p", "x", "y", "y", "y"]  # lot 1 ends inside x; lot 2 starts with priority group p
+    lots: list[int] = []
+    feeder = Feeder(_claims(keys, lots), lambda job: job, lot=3, backlog=100, stopping=lambda: False)
+    feeder.start()
+    entries = _drain(feeder)
+    feeder.join()
+    handed = [j.id for items, _ in entries for j in items]
+    assert sorted(handed) == list(range(len(keys)))  # each job once: none twice, none lost
+    for items, _ in entries:  # a group never spans two hand-outs
+        ids = [j.id for j in items]
+        assert all(sum(keys[i] == k for i in ids) == keys.count(k) for k in {keys[i] for i in ids})
+
+
 def test_backlog_bounds_claims_and_stop_gives_back_the_held_group():
     lots: list[int] = []
     stop = threading.Event()
