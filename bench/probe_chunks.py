@@ -11,36 +11,16 @@ mixed step's kernels by CUDA time (torch.profiler).
 """
 import json
 import sys
-import time
 from types import SimpleNamespace
 
 import torch
+from probe_setup import build, live_rows, timed
 
 from hitq.engine import fastgen
-from hitq.engine.qwen3vl import TransformersEngine
 
-engine = TransformersEngine(sys.argv[1], device="cuda", random_weights=True)
-model = engine.model
 POSITIONS, ROWS, PREFIX_AT = 300_000, 64, 170_000
-out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": ROWS}
-arena = fastgen.Arena(model, POSITIONS)
-for t in arena.k + arena.v:
-    t.normal_()
-live = {i: (100 + i, 20_000, ((i * 20_100, 19_960), (i * 20_100 + 19_960, 39)), True) for i in range(8)}
-
-
-def timed(fn, n=2):
-    """(seconds per call, host seconds per call until fn returned) after one warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    host = 0.0
-    for _ in range(n):
-        h0 = time.perf_counter()
-        fn()
-        host += time.perf_counter() - h0
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n, host / n
+engine, model, arena, out = build(POSITIONS, ROWS)
+live = live_rows(8, 20_000)
 
 
 def group(T):
@@ -72,8 +52,7 @@ with torch.inference_mode():
         row = {"chunks": n}
         for name, fn in (("whole", whole), ("chunks_alone", lambda: chunked(False)),
                          ("chunks_with_steps", lambda: chunked(True)), ("graph_steps_alone", steps)):
-            s, host = timed(fn)
-            row[name] = {"s": round(s, 4), "host_s": round(host, 4)}
+            row[name] = timed(fn, 2)
         out[f"prefix {T}, chunks of {C}"] = row
         print(T, C, row, file=sys.stderr, flush=True)
     g = group(20_000)

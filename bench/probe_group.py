@@ -11,36 +11,17 @@ against graph replays alone, and its kernels by CUDA time (torch.profiler).
 """
 import json
 import sys
-import time
 from collections import Counter
 from types import SimpleNamespace
 
 import torch
+from probe_setup import build, live_rows, timed
 
 from hitq.engine import fastgen
-from hitq.engine.qwen3vl import TransformersEngine
 
-engine = TransformersEngine(sys.argv[1], device="cuda", random_weights=True)
-model = engine.model
 POSITIONS, ROWS = 300_000, 64
-out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": ROWS}
-arena = fastgen.Arena(model, POSITIONS)
-for t in arena.k + arena.v:
-    t.normal_()
+engine, model, arena, out = build(POSITIONS, ROWS)
 vocab = model.config.text_config.vocab_size
-
-
-def timed(fn, n=3):
-    """(seconds per call, host seconds per call until fn returned) after one warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    t0, host = time.perf_counter(), 0.0
-    for _ in range(n):
-        h0 = time.perf_counter()
-        fn()
-        host += time.perf_counter() - h0
-    torch.cuda.synchronize()
-    return {"s": round((time.perf_counter() - t0) / n, 4), "host_s": round(host / n, 4)}
 
 
 def group(T, R):
@@ -62,17 +43,12 @@ def one_forward_per_question(g, regions):
         fastgen.forward_text(model, arena, suffix, torch.arange(g.split, ids.numel(), device="cuda")[None], where)
 
 
-def live_rows(n, length):
-    return {i: (100 + i, length, ((i * (length + 100), length - 40), (i * (length + 100) + length - 40, 39)), True)
-            for i in range(n)}
-
-
 with torch.inference_mode():
     for T, R in ((4096, 2), (12_000, 2), (12_000, 6)):
         g, regions = group(T, R)
-        row = {"prefix_alone": timed(lambda: fastgen.forward_text(model, arena, *fastgen.Chunks(g, regions, "cuda", T).next())),
-               "one_forward_per_question": timed(lambda: one_forward_per_question(g, regions)),
-               "prefill_group": timed(lambda: fastgen.prefill_group(model, g, "cuda", "cache", arena, regions))}
+        row = {"prefix_alone": timed(lambda: fastgen.forward_text(model, arena, *fastgen.Chunks(g, regions, "cuda", T).next()), 3),
+               "one_forward_per_question": timed(lambda: one_forward_per_question(g, regions), 3),
+               "prefill_group": timed(lambda: fastgen.prefill_group(model, g, "cuda", "cache", arena, regions), 3)}
         out[f"prefix {T}, {R} questions of 60"] = row
         print(T, R, row, file=sys.stderr, flush=True)
     decoder = fastgen.Decoder(model, arena, ROWS, POSITIONS, engine.eos_ids, graphs=True)

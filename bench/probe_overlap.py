@@ -17,24 +17,13 @@ import time
 from types import SimpleNamespace
 
 import torch
+from probe_setup import build, live_rows
 
 from hitq.engine import fastgen
 from hitq.engine.measure import clock
-from hitq.engine.qwen3vl import TransformersEngine
 
-engine = TransformersEngine(sys.argv[1], device="cuda", random_weights=True)
-model = engine.model
 POSITIONS, ROWS, PREFIX_AT = 300_000, 64, 200_000
-out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": ROWS}
-arena = fastgen.Arena(model, POSITIONS)
-for t in arena.k + arena.v:
-    t.normal_()
-
-
-def live_rows(n, length):
-    return {i: (100 + i, length, ((i * (length + 100), length - 40), (i * (length + 100) + length - 40, 39)), True)
-            for i in range(n)}
-
+engine, model, arena, out = build(POSITIONS, ROWS)
 
 LIVE = {"8 rows, 20k each": live_rows(8, 20_000), "4 rows, 12k each": live_rows(4, 12_000), "1 row, 2k": live_rows(1, 2_000)}
 

@@ -4,7 +4,8 @@ The engine's stream asks for work between decode steps; a Feeder has it ready: i
 of jobs whenever fewer than `backlog` are claimed and unfinished, prepares them (fitting,
 tokenising, images: CPU work, mostly in the tokenizer's Rust code with the GIL released) and
 queues them. A lot that ends inside a prefix group keeps the group's claimed jobs back for the
-next lot, so the group is prefilled once. Errors of the thread (the database away) reach the
+next lot, and a group larger than a lot is claimed on until it ends (within `backlog`), so the
+group is prefilled once. Errors of the thread (the database away) reach the
 main thread at its next `take`.
 """
 from __future__ import annotations
@@ -50,6 +51,9 @@ class Feeder(threading.Thread):
                 # first, and a claim returns its priority groups before the rest.
                 last = jobs[-1].prefix_key
                 tail = [j for j in jobs if last is not None and j.prefix_key == last]
+                if len(tail) == len(jobs) and len(new) == self.lot and len(jobs) + self.lot <= self.backlog:
+                    held = jobs  # one group larger than a lot so far (a table-first table): claim on
+                    continue
                 if 0 < len(tail) < len(jobs):
                     jobs, held = [j for j in jobs if j.prefix_key != last], tail
                 self._prepare(jobs)

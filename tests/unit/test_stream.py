@@ -60,6 +60,18 @@ def test_a_held_group_continued_after_a_priority_group_is_handed_out_once():
         assert all(sum(keys[i] == k for i in ids) == keys.count(k) for k in {keys[i] for i in ids})
 
 
+def test_a_group_larger_than_a_lot_is_claimed_on_and_handed_out_whole_within_the_backlog():
+    keys = ["g"] * 10 + ["h", "h"]
+    for backlog, parts in ((100, [10]), (8, [8, 2])):  # a group past the backlog goes out in parts: no deadlock
+        lots: list[int] = []
+        feeder = Feeder(_claims(keys, lots), lambda job: job, lot=4, backlog=backlog, stopping=lambda: False)
+        feeder.start()
+        entries = _drain(feeder)
+        feeder.join()
+        handed = [[keys[j.id] for j in items] for items, _ in entries if items]
+        assert [ks.count("g") for ks in handed if "g" in ks] == parts and sorted(k for ks in handed for k in ks) == sorted(keys)
+
+
 def test_backlog_bounds_claims_and_stop_gives_back_the_held_group():
     lots: list[int] = []
     stop = threading.Event()
