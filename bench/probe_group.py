@@ -11,7 +11,6 @@ against graph replays alone, and its kernels by CUDA time (torch.profiler).
 """
 import json
 import sys
-from collections import Counter
 from types import SimpleNamespace
 
 import torch
@@ -61,9 +60,6 @@ with torch.inference_mode():
             decoder.graph.replay()
             torch.cuda.synchronize()
         events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
-        names = Counter()
-        for e in events:
-            names[e.key.split("<")[0].split("(")[0][:60]] += e.count
         out[f"decode step, {shape}"] = {
             "step_ms": round(1e3 * step["s"], 2), "replay_ms": round(1e3 * replay["s"], 2), "load_host_ms": round(1e3 * load["host_s"], 2),
             "kernels": sum(e.count for e in events), "kernel_ms": round(sum(e.device_time_total for e in events) / 1e3, 2),

@@ -5,8 +5,8 @@ of jobs whenever fewer than `backlog` are claimed and unfinished, prepares them 
 tokenising, images: CPU work, mostly in the tokenizer's Rust code with the GIL released) and
 queues them. A lot that ends inside a prefix group keeps the group's claimed jobs back for the
 next lot, and a group larger than a lot is claimed on until it ends (within `backlog`), so the
-group is prefilled once. Errors of the thread (the database away) reach the
-main thread at its next `take`.
+group is prefilled once. Errors of the thread (the database away) reach the main thread at its
+next `take`.
 """
 from __future__ import annotations
 
