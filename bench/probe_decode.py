@@ -64,10 +64,10 @@ with torch.inference_mode():
     # the memory-efficient kernel (smaller query blocks), same slots
     host = [[pre, (own, n + 1)] for _, _, (pre, (own, n)), _ in live_rows(SHAPES["8 rows, 20k each"]).values()]
     host += [[(arena.scratch, 1), (arena.scratch, 0)]] * (ROWS - len(host))
-    starts, used, owner, size = fastgen.slots(host, ROWS * fastgen.Decoder.SLOTS_PER_ROW, arena.scratch)
+    starts, used, _, _, size = fastgen.slots(host, ROWS * fastgen.Decoder.SLOTS_PER_ROW, arena.scratch)
     as_int = {"dtype": torch.int32, "device": "cuda"}
     starts, used = torch.tensor(starts, **as_int), torch.tensor(used, **as_int)
-    S, G, Hkv, D = len(owner), 4, 8, 128
+    S, G, Hkv, D = len(used), 4, 8, 128
     q = torch.randn(S * G, Hkv, D, device="cuda", dtype=torch.bfloat16)
     cu_q = torch.arange(0, S * G + 1, G, **as_int)
     k, v = arena.k[0], arena.v[0]

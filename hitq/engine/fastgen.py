@@ -35,6 +35,8 @@ from hitq.engine import fused, planner
 from hitq.engine.base import Prepared
 
 SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")  # (1, L) tensors
+LONG_ANSWER = 1024  # a row allowed more new tokens than this is a long answer (charts: 2,048)
+WAITING_ROWS = 8  # run asks its source for more groups while fewer rows than this wait for admission
 log = logging.getLogger("hitq.engine")
 def cache_kwarg(model) -> str:
     """The forward's name for the KV cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
@@ -120,19 +122,20 @@ class Where:
     write (R, T): arena index of each new token. A row reads two segments: its group's shared
     prefix (all visible) and its own region (its suffix and outputs so far, the new tokens
     included; causal). host: per row [(prefix start, length), (own start, length)], which the
-    reference path reads. slots (decode, flash path): every row's segments cut into pieces of
-    one size across all rows, each run as one flash-attention "sequence" and merged into its row
-    by log-sum-exp (flash-decoding: a 99k-token row is read by many thread blocks, and no block
-    reads much more than another). first (prefill of a prefix): the new tokens are the whole
-    sequence, nothing before them: plain causal attention over them."""
+    reference path reads. slots (decode, flash path): every segment cut into pieces of one size
+    across all rows, each run as one attention "sequence" for every row that reads it (the rows
+    of a group share their prefix's pieces: its K/V are read once for all of them) and merged
+    into each row by log-sum-exp (flash-decoding: a 99k-token row is read by many thread blocks,
+    and no block reads much more than another); see `slots`. first (prefill of a prefix): the
+    new tokens are the whole sequence, nothing before them: plain causal attention over them."""
 
     write: torch.Tensor
     host: list
-    slots: tuple | None = None  # (starts (S + 1,) int32, used (S,) int32, owner (S,) long, max_k)
+    slots: tuple | None = None  # (starts (S + 1,) int32, used (S,) int32, cu_pairs (S + 1,) int32, pairs (4, P) long, max_k)
     first: bool = False
 
     _segments: list | None = field(default=None, init=False, repr=False)
-    decode: tuple | None = field(default=None, init=False, repr=False)  # (cu_q, row, table): see _attend_decode
+    decode: tuple | None = field(default=None, init=False, repr=False)  # see _attend_decode
 
     def segments(self, device) -> list[tuple]:
         """Per segment (prefix, own): (starts (R + 1,) int32, used (R,) int32, longest), built on
@@ -152,24 +155,46 @@ class Where:
         return cls(write, [[pre, (own, n + T)] for pre, (own, n) in segments])
 
 
-def slots(host: list, S: int, scratch: int, smallest: int = 1024) -> tuple[list, list, list, int]:
-    """Cut every row's segments into pieces of one size (at least `smallest`, and small enough
-    that all pieces fit in S slots); returns per slot (start, used, owner row), the unused slots
-    last, reading the scratch position for a row R that nobody reads, and the piece size. A row
-    without segments (an idle decode position) gets no slot. Equal pieces
-    keep the thread blocks of one flash call equally busy: the longest piece sets its time."""
-    segments = [(r, start, n) for r, row in enumerate(host) for start, n in row if n > 0]
-    if len(segments) >= S:
-        raise ValueError(f"{len(segments)} segments for {S} slots")
-    size = max(smallest, -(-sum(n for *_, n in segments) // (S - len(segments))))
-    starts, used, owner = [], [], []
-    for r, start, n in segments:  # at most n / size + 1 pieces each: S slots in all
+ROWS_PER_READ = 8  # rows reading one piece together: 8 x 4 query heads fill one query block of the kernel
+
+
+def slots(host: list, S: int, scratch: int, smallest: int = 1024) -> tuple[list, list, list, list, int]:
+    """The decode attention's plan. Every segment is cut into pieces of one size (at least
+    `smallest`, and small enough that all fit), each piece one attention sequence ("slot") that
+    the rows reading it (a group's prefix: up to ROWS_PER_READ of its rows) query together, so
+    its K/V are read once. Each (slot, row) is a "pair": the row's query heads in that slot.
+    Returns per slot (start, used), the slots' first pairs (cu_pairs, S + 1), per pair [owner
+    row, the pairs in owner order, slot, index within the slot] (P = S pairs) and the piece size.
+    Unused slots come last, read the scratch position and have no pairs; unused pairs belong to
+    row R (nobody), in the last slot. A row without segments (an idle decode position) gets no
+    pair. Equal pieces keep the thread blocks of one call equally busy."""
+    readers: dict = {}  # (start, n) -> the rows that read that segment
+    for r, row in enumerate(host):
+        for start, n in row:
+            if n > 0:
+                readers.setdefault((start, n), []).append(r)
+    reads = [(start, n, rows[i : i + ROWS_PER_READ]) for (start, n), rows in readers.items()
+             for i in range(0, len(rows), ROWS_PER_READ)]
+    rows_in_reads = sum(len(rows) for *_, rows in reads)
+    if rows_in_reads >= S:
+        raise ValueError(f"{rows_in_reads} segment reads for {S} slots")
+    # pairs <= sum(n / size + 1) * rows <= S
+    size = max(smallest, -(-sum(n * len(rows) for _, n, rows in reads) // (S - rows_in_reads)))
+    starts, used, cu_pairs, owner, slot, index = [], [], [0], [], [], []
+    for start, n, rows in reads:
         for i in range(0, n, size):
             starts.append(start + i)
             used.append(min(size, n - i))
-            owner.append(r)
-    pad = S - len(starts)
-    return starts + [scratch] * pad + [0], used + [1] * pad, owner + [len(host)] * pad, size
+            cu_pairs.append(cu_pairs[-1] + len(rows))
+            owner += rows
+            slot += [len(starts) - 1] * len(rows)
+            index += range(len(rows))
+    pad, R = S - len(starts), len(host)
+    owner += [R] * (S - len(owner))
+    slot += [S - 1] * (S - len(slot))
+    index += [0] * (S - len(index))
+    order = sorted(range(S), key=owner.__getitem__)
+    return starts + [scratch] * pad + [0], used + [1] * pad, cu_pairs + cu_pairs[-1:] * pad, [owner, order, slot, index], size
 
 
 def _cache_tensors(cache):
@@ -255,14 +280,14 @@ def _flash(q, k, v, cu_q, starts, used, max_q: int, max_k: int, causal: bool, sc
     return out, lse.reshape(q.shape[1], q.shape[0]).transpose(0, 1)  # varlen lse: (H, total_q)
 
 
-def _efficient(q, k, v, cu_q, starts, used, max_q: int, max_k: int, scale):
+def _efficient(q, k, v, cu_q, starts, used, max_q: int, max_k: int, scale, lse_at):
     """The memory-efficient kernel over the same varlen layout (no causal mask), as _flash returns
     it. Decode uses it: its query blocks are smaller than flash's 128 rows, of which a decode slot
-    fills 4 (bench/probe-decode-h100.json: 383 vs 471 us a layer on an H100)."""
+    fills 4 to 32 (bench/probe-decode-h100.json: 383 vs 471 us a layer on an H100). lse_at: each
+    query's (sequence, index in it): the kernel's lse is (sequences, heads, max_q rounded up)."""
     out, lse = torch.ops.aten._efficient_attention_forward(q[None], k[None], v[None], None, cu_q, starts, max_q, max_k,
                                                             0.0, 0, True, scale=scale, seqlen_k=used)[:2]
-    S = used.shape[0]  # lse: (sequences, heads, max_q rounded up); every sequence has max_q queries
-    return out[0], lse[:, :, :max_q].transpose(1, 2).reshape(S * max_q, q.shape[1])
+    return out[0], lse[lse_at[0], :, lse_at[1]]
 
 
 def _merge_eager(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
@@ -272,9 +297,9 @@ def _merge_eager(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
 
 
 def _merge_into_rows_eager(outs: torch.Tensor, lses: torch.Tensor, owner: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Softmax-merge the partial attention of each slot into its owner row: outs (S, ..., D),
-    lses (S, ...), owner (S,) in 0..R (R: unused slots), table (R + 1, S): each row's slots, then
-    S (no slot). The rows' maxima are a gather over `table`, not a scattered max (atomics that
+    """Softmax-merge the partial attention of each pair into its owner row: outs (P, ..., D),
+    lses (P, ...), owner (P,) in 0..R (R: unused pairs), table (R + 1, P): each row's pairs, then
+    P (no pair). The rows' maxima are a gather over `table`, not a scattered max (atomics that
     collide: 30 us a layer on an H100). Fixed shapes, no host sync."""
     R = table.shape[0] - 1
     shape, on = (R + 1,) + lses.shape[1:], {"dtype": lses.dtype, "device": lses.device}  # float32 sums
@@ -282,43 +307,45 @@ def _merge_into_rows_eager(outs: torch.Tensor, lses: torch.Tensor, owner: torch.
     weights = torch.exp(lses - top[owner])
     total = torch.zeros(shape, **on).index_add_(0, owner, weights)
     summed = torch.zeros(shape + outs.shape[-1:], **on).index_add_(0, owner, outs.to(lses.dtype) * weights[..., None])
-    # A row's largest slot weighs exp(0) = 1, so total >= 1; a row without slots (idle) gets 0, not 0/0.
+    # A row's largest pair weighs exp(0) = 1, so total >= 1; a row without pairs (idle) gets 0, not 0/0.
     return (summed[:R] / total[:R, ..., None].clamp_min(1)).to(outs.dtype)
 
 
 _merge, _merge_into_rows = fused.Kernel(_merge_eager), fused.Kernel(_merge_into_rows_eager)
 
 
-def slot_tables(owner: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """From owner (S,) sorted, in 0..R: each slot's query row (unused slots: row 0) and the
-    (R + 1, S) table of each row's slots padded with S. On the device, no host sync."""
-    S = owner.shape[0]
+def slot_tables(owner: torch.Tensor, order: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From owner (P,) in 0..R and `order` (the pairs sorted by owner): each pair's query row
+    (unused pairs: row 0) and the (R + 1, P) table of each row's pairs padded with P. On the
+    device, no host sync."""
+    P = owner.shape[0]
     count = torch.zeros(R + 1, dtype=torch.long, device=owner.device).index_add_(0, owner, torch.ones_like(owner))
     first = count.cumsum(0) - count
-    p = torch.arange(S, device=owner.device)
-    table = torch.where(p[None] < count[:, None], first[:, None] + p[None], S)
+    at = first[:, None] + torch.arange(P, device=owner.device)[None]
+    table = torch.where(at < first[:, None] + count[:, None], order[at.clamp_max(P - 1)], P)
     return torch.where(owner < R, owner, 0), table
 
 
 def _attend_decode(q, k, v, where: Where, scale) -> torch.Tensor:
-    """One new token per row, all slots in one attention call. The G query heads of each KV head
-    become G query "tokens" of an MHA call, so each K/V block is read once for all of them.
-    The used slots come first (`slots`); the unused ones get no queries, so their thread blocks
-    return at once (with G queries each, 512 idle slots cost 4 ms a step on an H200:
-    bench/probe-group-h200.json)."""
+    """One new token per row, all pairs (slot, row: `slots`) in one attention call. The G query
+    heads of each KV head become G query "tokens" of an MHA call, so each K/V block is read once
+    for all of them, and once for all the rows of a slot. Unused slots, which come last, get no
+    queries, so their thread blocks return at once (with G queries each, 512 idle slots cost
+    4 ms a step on an H200: bench/probe-group-h200.json)."""
     R, Hq, _, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    starts, used, owner, max_k = where.slots
-    S = owner.shape[0]
+    starts, used, cu_pairs, pairs, max_k = where.slots
+    P = pairs.shape[1]
     if where.decode is None:  # the same for every layer
-        busy = (owner < R).sum().to(torch.int32)
-        cu_q = torch.arange(S + 1, dtype=torch.int32, device=q.device).clamp_max(busy) * G
-        where.decode = (cu_q,) + slot_tables(owner, R)
-    cu_q, row, table = where.decode
+        owner, order, slot, index = pairs
+        query = torch.arange(P * G, device=q.device)
+        lse_at = (slot[query // G], index[query // G] * G + query % G)
+        where.decode = (cu_pairs * G, lse_at) + slot_tables(owner, order, R)
+    cu_q, lse_at, row, table = where.decode
     packed = q[:, :, 0].reshape(R, Hkv, G, D).transpose(1, 2).reshape(R, G * Hkv * D).index_select(0, row)
-    out, lse = _efficient(packed.view(S * G, Hkv, D), k, v, cu_q, starts, used, G, max_k, scale)
-    merged = _merge_into_rows(out.reshape(S, G, Hkv, D), lse.reshape(S, G, Hkv), owner, table)  # (R, G, Hkv, D)
+    out, lse = _efficient(packed.view(P * G, Hkv, D), k, v, cu_q, starts, used, G * ROWS_PER_READ, max_k, scale, lse_at)
+    merged = _merge_into_rows(out.reshape(P, G, Hkv, D), lse.reshape(P, G, Hkv), pairs[0], table)  # (R, G, Hkv, D)
     return merged.transpose(1, 2).reshape(R, 1, Hq * D)
 
 
@@ -380,7 +407,7 @@ class Decoder:
     replayed; its inputs are copied into static buffers first. Idle positions write the arena's
     scratch position and, on the flash path, read nothing."""
 
-    SLOTS_PER_ROW = 8  # attention "sequences" per decode position (pieces of the rows' segments)
+    SLOTS_PER_ROW = 8  # attention "sequences" (and pairs) per decode position: pieces of the rows' segments
 
     def __init__(self, model, arena: Arena, rows: int, max_k: int, eos_ids: list[int], graphs: bool):
         self.model, self.arena, self.rows, self.max_k = model, arena, rows, max_k
@@ -389,7 +416,8 @@ class Decoder:
         self.inputs = torch.zeros((3, rows), dtype=torch.long, device=device)  # tokens, rope positions, write index
         self.starts = torch.zeros(S + 1, dtype=torch.int32, device=device)
         self.used = torch.zeros(S, dtype=torch.int32, device=device)
-        self.owner = torch.zeros(S, dtype=torch.long, device=device)
+        self.cu_pairs = torch.zeros(S + 1, dtype=torch.int32, device=device)
+        self.pairs = torch.zeros((4, S), dtype=torch.long, device=device)
         self.forbid = torch.zeros(rows, dtype=torch.bool, device=device)
         self.eos = torch.tensor(eos_ids, device=device)
         self.graph = None
@@ -398,7 +426,8 @@ class Decoder:
     def _part(self, host: list) -> tuple:
         """The step as a forward_text part over the static buffers: (tokens, positions, where)."""
         tokens, positions, write = self.inputs
-        return tokens[:, None], positions[:, None], Where(write[:, None], host, (self.starts, self.used, self.owner, self.max_k))
+        plan = (self.starts, self.used, self.cu_pairs, self.pairs, self.max_k)
+        return tokens[:, None], positions[:, None], Where(write[:, None], host, plan)
 
     def _step(self, host: list) -> torch.Tensor:
         return greedy(forward_text(self.model, self.arena, *self._part(host)), self.forbid, self.eos)
@@ -437,12 +466,14 @@ class Decoder:
         idle = (0, 0, ((scratch, 1), (scratch, 0)), False)
         cols = [live.get(i, idle) for i in range(self.rows)]
         host = [[pre, (own, n + 1)] for _, _, (pre, (own, n)), _ in cols]
-        starts, used, owner, _ = slots([row if i in live else [] for i, row in enumerate(host)], self.owner.shape[0], scratch)
+        busy = [row if i in live else [] for i, row in enumerate(host)]
+        starts, used, cu_pairs, pairs, _ = slots(busy, self.used.shape[0], scratch)
         write = [own + n for _, _, (_, (own, n)), _ in cols]
         self.inputs.copy_(torch.tensor([[c[0] for c in cols], [c[1] for c in cols], write]), non_blocking=True)
         self.starts.copy_(torch.tensor(starts, dtype=torch.int32), non_blocking=True)
         self.used.copy_(torch.tensor(used, dtype=torch.int32), non_blocking=True)
-        self.owner.copy_(torch.tensor(owner), non_blocking=True)
+        self.cu_pairs.copy_(torch.tensor(cu_pairs, dtype=torch.int32), non_blocking=True)
+        self.pairs.copy_(torch.tensor(pairs), non_blocking=True)
         self.forbid.copy_(torch.tensor([c[3] for c in cols]), non_blocking=True)
         return host
 
@@ -645,18 +676,25 @@ class Batch:
 
 
 def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_ids: list[int], device,
-        kwarg: str, sync, graphs: bool, chunk: int | None = None) -> dict:
+        kwarg: str, sync, graphs: bool, chunk: int | None = None, decode_share: float = 0.0) -> dict:
     """Run the groups of `source` through an arena of `positions` cache positions and `rows`
     decode positions. A group is admitted (prefilled) as soon as its rows find free decode
     positions and the arena a region for its prefix and one per row for the row's suffix and
     outputs; every live row decodes together; a stopped row frees its decode position and its
     region at once, the prefix region goes with the group's last row. Waiting groups are kept in
-    planner.admission_order and topped up from `source` while fewer than `rows` wait.
+    planner.admission_order and topped up from `source` while fewer than WAITING_ROWS rows wait
+    (a stream's worker then holds few jobs it has not started).
     chunk (tokens): while rows are live, a text prefix is prefilled `chunk` tokens at a time, each
     chunk in one forward with the next decode step (Decoder.step_with), so decoding goes on during
     prefills; None: each prefix at once, the decode steps waiting for it.
+    decode_share (pacing): while a long answer (limit > LONG_ANSWER) is live and none waits, the
+    next group is admitted only once the decode steps since have taken `decode_share` of the time
+    the prefills before them took. A long answer's ~2,048 steps then run beside this worker's
+    prefills instead of after its last one, so the queue's remaining jobs go to the other workers
+    instead of all of them waiting for this one's tail; 0: one step between admissions.
     Each row's `timing` gets its group's prefill time and its admission-to-stop time.
-    Returns the figures: {"prefill_s", "decode_s", "steps", "mixed_steps", "rows", "positions", "most_live", "seconds"}."""
+    Returns the figures: {"prefill_s", "decode_s", "steps", "mixed_steps", "rows", "positions", "most_live", "seconds",
+    "tail_steps", "tail_s"}; the tail is what ran after the last prefill (decode steps alone)."""
     sync()
     start = time.perf_counter()
     arena = Arena(model, positions)
@@ -664,8 +702,17 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
     pending, free, live = [], list(range(rows))[::-1], {}  # live: decode position -> (row, region, group)
     holders: dict[int, list] = {}  # id(group) -> [prefix start, rows still live]
     prefill_s = steps = mixed = most = n = 0
+    last_prefill = (0, start)  # (steps, time) when the last prefill ended
     exhausted = False
     filling = None  # (Chunks, decode positions kept for its rows, t0): the group being prefilled beside steps
+    owed = 0.0  # decode seconds owed to the live long answers (decode_share of the prefill time since)
+
+    def long_live() -> bool:
+        return any(r.limit > LONG_ANSWER for r, *_ in live.values())
+
+    def paced() -> bool:
+        """Hold admissions: decode time is owed, a long answer is live and none waits."""
+        return owed > 0 and long_live() and max(r.limit for r in pending[0].rows) <= LONG_ANSWER
 
     def release(r: Row, own: int, g: Group) -> None:
         arena.give(own, g.own(r))
@@ -679,11 +726,12 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
     def admit(g: Group, owns: list, logits: list, delta: int, t0: float, kept: list, waited_from: float) -> None:
         """The group's first tokens: its rows go live on the decode positions `kept` (or stop).
         prefill_s counts the time from `waited_from` (decode steps beside chunks are steps)."""
-        nonlocal prefill_s
+        nonlocal prefill_s, last_prefill
         forced = torch.tensor([r.forced for r in g.rows], device=device)
         firsts = greedy(torch.cat(logits), forced, decoder.eos).tolist()
         t1 = time.perf_counter()  # the token list above waited for the prefill
         prefill_s += t1 - waited_from
+        last_prefill = (steps, t1)
         for own, r, token, i in zip(owns, g.rows, firsts, kept):
             r.timing.update(prefill_s=t1 - t0, admitted=t0)
             stopper.push(r, token)
@@ -703,7 +751,7 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
         admit(chunks.g, chunks.regions[1], logits, 0, t0, kept, waited_from)
 
     while True:
-        if not exhausted and len(pending) < rows:
+        if not exhausted and sum(len(g.rows) for g in pending) < WAITING_ROWS:
             new = source.more(idle=not (pending or live or filling))
             exhausted = new is None
             for g in planner.split_large(new or [], rows, positions):
@@ -719,7 +767,7 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
             if exhausted:
                 break
             continue
-        while filling is None and pending and len(pending[0].rows) <= len(free):
+        while filling is None and pending and len(pending[0].rows) <= len(free) and not paced():
             g = pending[0]
             taken = arena.take_all([g.split] + [g.own(r) for r in g.rows])
             if taken is None:  # memory is full until live rows stop
@@ -734,6 +782,7 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
                 filling = (Chunks(g, (prefix, owns), device, chunk), kept, t0)
                 break
             admit(g, owns, *prefill_group(model, g, device, kwarg, arena, (prefix, owns)), t0, kept, t0)
+            owed += decode_share * (time.perf_counter() - t0)
         if filling is not None and not live:  # nothing to decode beside it: the rest at once
             waited_from = time.perf_counter()
             finish_filling(waited_from, prefix_part=filling[0].next(rest=True))
@@ -742,6 +791,7 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
         step = {i: (r.ids[-1], r.length + len(r.ids) - 1 + delta,
                     ((holders[id(g)][0], g.split), (own, r.length - g.split + len(r.ids) - 1)), r.forced)
                 for i, (r, own, g, delta) in live.items()}
+        t_step = time.perf_counter()
         if filling is not None:
             chunk_logits, next_tokens = decoder.step_with(step, filling[0].next())
             mixed += 1
@@ -749,6 +799,7 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
             next_tokens = decoder.step(step)
         steps, most = steps + 1, max(most, len(live))
         now = time.perf_counter()
+        owed -= now - t_step
         for i, (r, own, g, _) in list(live.items()):
             stopper.push(r, next_tokens[i])
             if r.done:
@@ -758,9 +809,13 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
                 release(r, own, g)
         if filling is not None and filling[0].finished:
             finish_filling(time.perf_counter(), prefix_logits=chunk_logits)
+        if not long_live():
+            owed = 0.0  # pacing starts afresh with the next long answer
     sync()
-    wall = time.perf_counter() - start
-    log.info("decode: %d rows, %d positions, up to %d of %d rows live, prefill %.2f s, %d steps (%d beside prefill chunks), "
-             "%.2f s in all%s", n, positions, most, rows, prefill_s, steps, mixed, wall, ", CUDA graph" if decoder.graphs else "")
+    end = time.perf_counter()
+    wall, tail_steps, tail_s = end - start, steps - last_prefill[0], end - last_prefill[1]
+    log.info("decode: %d rows, %d positions, up to %d of %d rows live, prefill %.2f s, %d steps (%d beside prefill chunks, "
+             "%d in %.2f s after the last prefill), %.2f s in all%s", n, positions, most, rows, prefill_s, steps, mixed,
+             tail_steps, tail_s, wall, ", CUDA graph" if decoder.graphs else "")
     return {"prefill_s": prefill_s, "decode_s": wall - prefill_s, "steps": steps, "mixed_steps": mixed, "rows": n,
-            "positions": positions, "most_live": most, "seconds": wall}
+            "positions": positions, "most_live": most, "seconds": wall, "tail_steps": tail_steps, "tail_s": tail_s}

@@ -70,6 +70,17 @@ def _sizes(batch: list[Prepared]) -> str:
     return f"batch of {len(batch)}, prompt tokens {sum(tokens)} (longest {max(tokens)}), max_new_tokens {max(p.max_new_tokens for p in batch)}"
 
 
+def _share_option(value: Any) -> float:
+    """decode_share: a number from 0 to 10 (seconds of decode per second of prefill)."""
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = -1.0
+    if not 0 <= share <= 10:
+        raise UsageError(f"engine option decode_share must be a number from 0 to 10, got {value!r}")
+    return share
+
+
 def _flag(value: Any) -> bool:
     """Engine options may come from the command line as strings ("false", "0", "no")."""
     if isinstance(value, str):
@@ -228,11 +239,12 @@ class TransformersEngine:
         kv_budget_tokens: int | None = None,
         cuda_graphs: Any = True,
         prefill_chunk: Any = None,
+        decode_share: Any = 1.0,
         **unknown: Any,
     ):
         if unknown:
             known = ("dtype, attn, load_weights, random_weights, inject_oom, image_cap_pixels, fast, force_lengths, "
-                     "max_batch_rows, kv_budget_tokens, cuda_graphs, prefill_chunk")
+                     "max_batch_rows, kv_budget_tokens, cuda_graphs, prefill_chunk, decode_share")
             raise UsageError(f"unknown transformers engine option(s) {', '.join(sorted(unknown))}: choose from {known}")
         self.model_dir = Path(model_dir) if model_dir else None
         if self.model_dir is None or not self.model_dir.is_dir():
@@ -258,6 +270,8 @@ class TransformersEngine:
         # Fast path: prefill text prefixes this many tokens at a time, each chunk in one forward with a
         # decode step (fastgen.run's chunk); off by default: slower on an H100 (bench/README.md).
         self.prefill_chunk = _tokens_option("prefill_chunk", prefill_chunk)
+        # Fast path: decode seconds per prefill second while a long answer is live (fastgen.run's pacing).
+        self.decode_share = _share_option(decode_share)
 
         from transformers import AutoProcessor
 
@@ -520,7 +534,8 @@ class TransformersEngine:
         def run() -> dict:
             with torch.inference_mode():
                 return fastgen.run(self.model, fastgen.Batch(groups), positions, decode_rows, stopper, self.eos_ids,
-                                   self.device, kwarg, lambda: _device_sync(self.device), self.cuda_graphs, self.prefill_chunk)
+                                   self.device, kwarg, lambda: _device_sync(self.device), self.cuda_graphs, self.prefill_chunk,
+                                   self.decode_share)
 
         timing = self._oom_as_engine_oom(run, sizes)
         reserved = self._peak_reserved()
@@ -566,7 +581,7 @@ class TransformersEngine:
             with torch.inference_mode():
                 return fastgen.run(self.model, source, budget.positions(longest), budget.max_rows, stopper, self.eos_ids,
                                    self.device, fastgen.cache_kwarg(self.model), lambda: _device_sync(self.device), self.cuda_graphs,
-                                   self.prefill_chunk)
+                                   self.prefill_chunk, self.decode_share)
 
         self._oom_as_engine_oom(run, "in a stream")
         return [r.prepared for g in source.given_back for r in g.rows]
@@ -586,6 +601,7 @@ class TransformersEngine:
         parts = ["shared prefixes", "continuous batching"]
         parts += ["CUDA-graph decode"] if self.cuda_graphs and self.device.type == "cuda" else []
         parts += [f"prefill chunks of {self.prefill_chunk} beside decode steps"] if self.prefill_chunk else []
+        parts += [f"long answers paced at {self.decode_share:g} s of decode per s of prefill"] if self.decode_share else []
         return f"fastgen ({', '.join(parts)})"
 
     def describe(self) -> dict:

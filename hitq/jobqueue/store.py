@@ -1,7 +1,7 @@
 """Every SQL statement hitq runs, as methods of `Queue`, named by operation.
 
 The claim protocol (design.md §4): a claim takes pending jobs in (priority, prefix_key, id) order
-(a share of the priority groups per claim), sets a lease and bumps the job's `fence`;
+(the priority groups first), sets a lease and bumps the job's `fence`;
 finish/fail/release only apply while the caller's fence is still the job's fence, so a worker that
 lost its lease can never overwrite a newer result. The only dialect branch is how the claimer
 locks: PostgreSQL `FOR UPDATE SKIP LOCKED`, SQLite the write lock taken by `BEGIN IMMEDIATE` (see
@@ -25,7 +25,6 @@ from hitq.jobqueue.models import events, jobs, runs, workers
 # What makes a job the same query: re-enqueueing an id with other values is refused, not ignored.
 IDENTITY_FIELDS = ("file_name", "question_type", "sub_q_type", "question", "reference")
 CHUNK = 500  # rows per INSERT/UPDATE statement in bulk operations
-PRIORITY_SHARE = 1 / 16  # of a claim's limit, in priority groups (see Queue.claim)
 RESULT_FIELDS = (
     "prediction", "raw_output", "original_tokens", "input_tokens", "output_tokens", "truncated",
     "rows_dropped", "image_pixels_before", "image_pixels_after", "processing_time", "details",
@@ -185,19 +184,17 @@ class Queue:
 
     @retried
     def claim(self, worker: str, limit: int, lease_s: float, run_ids: list[int] | None = None) -> list[Job]:
-        """Take up to `limit` pending jobs (whole prefix groups first) under a lease of `lease_s`.
-        Of the priority groups (priority 1) one claim takes at most PRIORITY_SHARE of `limit`
-        (one group at least), so that the workers starting together share them: they are the
-        long answers, and one worker holding all of them would end last."""
+        """Take up to `limit` pending jobs under a lease of `lease_s`: the priority groups (chart
+        answers) first, then the rest, each in prefix-group order, so groups come whole (the last
+        one may be cut). The worker that holds the long answers decodes them in shared steps and
+        paces them beside its prefills (fastgen.run), while the others take the rest."""
         with self.engine.begin() as conn:
             now = self._now(conn)
             self.reap(conn, now)
             pending = [jobs.c.status == "pending"] + ([jobs.c.run_id.in_(run_ids)] if run_ids is not None else [])
-            first_keys = (sa.select(jobs.c.prefix_key).where(*pending, jobs.c.priority > 0).group_by(jobs.c.prefix_key)
-                          .order_by(jobs.c.prefix_key).limit(max(1, int(limit * PRIORITY_SHARE))))
             ids = []
-            # the rest (priority 0) is read from ix_jobs_claim in claim order, with no sort of the run
-            for which in ((jobs.c.priority > 0) & jobs.c.prefix_key.in_(first_keys.scalar_subquery()), jobs.c.priority == 0):
+            # the priority part is small; the rest is read from ix_jobs_claim in claim order, with no sort
+            for which in (jobs.c.priority > 0, jobs.c.priority == 0):
                 if len(ids) < limit:
                     pick = (sa.select(jobs.c.id).where(*pending, which, jobs.c.id.not_in(ids))
                             .order_by(jobs.c.prefix_key, jobs.c.id).limit(limit - len(ids)))

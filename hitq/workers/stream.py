@@ -1,9 +1,11 @@
 """Claim and prepare jobs on a thread while the GPU generates (Executor.run_stream).
 
 The engine's stream asks for work between decode steps; a Feeder has it ready: it claims a lot
-of jobs whenever fewer than `backlog` are claimed and unfinished, prepares them (fitting,
-tokenising, images: CPU work, mostly in the tokenizer's Rust code with the GIL released) and
-queues them. A lot that ends inside a prefix group keeps the group's claimed jobs back for the
+of jobs whenever fewer than a lot are prepared and not yet taken by the engine and fewer than
+`backlog` are claimed and unfinished, prepares them (fitting, tokenising, images: CPU work, mostly
+in the tokenizer's Rust code with the GIL released) and queues them. So a worker holds few jobs
+it has not started: when the queue runs dry, the others are not left idle while it works through
+a hoard. A lot that ends inside a prefix group keeps the group's claimed jobs back for the
 next lot, and a group larger than a lot is claimed on until it ends (within `backlog`), so the
 group is prefilled once. Errors of the thread (the database away) reach the main thread at its
 next `take`.
@@ -24,6 +26,7 @@ class Feeder(threading.Thread):
         self.claim, self.prepare, self.lot, self.backlog, self.stopping = claim, prepare, lot, backlog, stopping
         self.ready: queue.Queue = queue.Queue()
         self.unfinished = 0  # claimed, not yet finished or given back
+        self.queued = 0  # prepared and queued, not yet taken by the engine
         self.lock = threading.Lock()
         self.room = threading.Condition(self.lock)
         self.error: BaseException | None = None
@@ -39,7 +42,7 @@ class Feeder(threading.Thread):
         try:
             while not self.stopping():
                 with self.room:
-                    while self.unfinished >= self.backlog and not self.stopping():
+                    while (self.unfinished >= self.backlog or self.queued >= self.lot) and not self.stopping():
                         self.room.wait(0.5)
                 new = [] if self.stopping() else self.claim(self.lot)
                 with self.lock:
@@ -75,6 +78,8 @@ class Feeder(threading.Thread):
                 self.finished()
             else:
                 items.append(item)
+        with self.lock:
+            self.queued += len(items)
         self.ready.put(("items", items))
 
     def take(self, wait: bool) -> tuple[list, list] | None:
@@ -90,6 +95,9 @@ class Feeder(threading.Thread):
                 break
             if kind == "items":
                 items.extend(value)
+                with self.room:
+                    self.queued -= len(value)
+                    self.room.notify()
             elif kind == "given_back":
                 given_back.extend(value)
             else:

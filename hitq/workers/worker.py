@@ -150,6 +150,8 @@ class Worker:
         try:
             while not self.stop_requested and (self.spec.max_jobs is None or done < self.spec.max_jobs):
                 targets = run_ids or self.queue.runs_with_pending()[:1]
+                if targets and self.queue.unfinished(targets):
+                    self._executor(targets[0])  # the model loads before the claim: no leases held while it loads
                 jobs = self.queue.claim(self.id, self.spec.batch_size, self.spec.lease_s, targets) if targets else []
                 if not jobs:
                     if self.spec.drain and self.queue.unfinished(run_ids) == 0:

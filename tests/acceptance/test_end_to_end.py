@@ -146,7 +146,7 @@ def test_fast_path_through_the_queue_gives_the_answers_of_generate(tmp_path, tin
     out = hitq("work", "--gpu", "cpu", "--drain", "--batch-size", "4", "--poll-seconds", "0.1", "--db", db, env=env, timeout=600)
     log = out.stdout + out.stderr
     assert log.count("stream of 6:") == 3 and log.count("decode: 6 rows") == 3  # the fast path streamed each run
-    assert re.search(r"decode: 6 rows.*\(([1-9]\d*) beside prefill chunks\)", log)  # the chunked run mixed steps
+    assert re.search(r"decode: 6 rows.*\(([1-9]\d*) beside prefill chunks,", log)  # the chunked run mixed steps
     q = open_queue(db)
     for name, modality, _ in runs[2:]:
         slow = {r["query_id"]: r for r in q.result_rows(f"slow_{modality}")}

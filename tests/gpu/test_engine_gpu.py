@@ -126,11 +126,13 @@ def test_flash_attention_over_the_arena_equals_the_reference_path():
     k = torch.randn(N, Hkv, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(N, Hkv, D, device="cuda", dtype=torch.bfloat16)
     scale = D**-0.5
-    host = [[(0, 20_000), (30_000, 700)], [(0, 20_000), (31_000, 5)], [(40_000, 3_000), (45_000, 1)], [(N - 1, 1), (N - 1, 1)]]
-    starts, used, owner, size = fastgen.slots(host + [[]], 32, scratch=N - 1)  # the last row idle: no slots
+    # rows 0-9 share a 20k prefix (one read for 8 of them, one for 2), the last row is idle: no pairs
+    host = [[(0, 20_000), (30_000 + 1000 * i, 700 - 60 * i)] for i in range(10)]
+    host += [[(40_000, 3_000), (45_000, 1)], [(N - 1, 1), (N - 1, 1)]]
+    starts, used, cu_pairs, pairs, size = fastgen.slots(host + [[]], 64, scratch=N - 1)
     as_int = {"dtype": torch.int32, "device": "cuda"}
     where = fastgen.Where(None, host + [host[-1]], (torch.tensor(starts, **as_int), torch.tensor(used, **as_int),
-                                                    torch.tensor(owner, device="cuda"), 20_000))
+                                                    torch.tensor(cu_pairs, **as_int), torch.tensor(pairs, device="cuda"), 20_000))
     q = torch.randn(len(host) + 1, Hkv * G, 1, D, device="cuda", dtype=torch.bfloat16)
     got = fastgen._attend_decode(q, k, v, where, scale).float()
     want = fastgen._attend_reference(q[:-1].float(), k.float(), v.float(), fastgen.Where(None, host), scale)
@@ -210,6 +212,6 @@ def test_compiled_kernels_equal_transformers_arithmetic(R, T):
           torch.rand(D, **bf) + 0.5, 1e-6, cos, sin, Hq, Hkv)
     check(fused.mlp_in, torch.randn(R, T, 2 * I, **bf))
     S = 8 * R
-    owner = torch.sort(torch.cat([torch.arange(R + 1), torch.randint(0, R + 1, (S - R - 1,))])).values.cuda()
-    check(fastgen._merge_into_rows, torch.randn(S, Hq // Hkv, Hkv, D, **bf),
-          torch.randn(S, Hq // Hkv, Hkv, device="cuda") * 5, owner, fastgen.slot_tables(owner, R)[1])
+    owner = torch.cat([torch.arange(R + 1), torch.randint(0, R + 1, (S - R - 1,))]).cuda()  # pairs in any order
+    check(fastgen._merge_into_rows, torch.randn(S, Hq // Hkv, Hkv, D, **bf), torch.randn(S, Hq // Hkv, Hkv, device="cuda") * 5,
+          owner, fastgen.slot_tables(owner, torch.sort(owner, stable=True).indices, R)[1])

@@ -41,19 +41,17 @@ def test_claim_orders_by_prefix_group_and_bumps_fence(queue):
     assert queue.stats(run)["counts"] == {"pending": 8, "running": 4, "done": 0, "error": 0}
 
 
-def test_a_claim_takes_a_share_of_the_priority_groups_first(queue):
-    """Priority groups (chart answers) come first, whole, at most limit / 16 of them per claim (one
-    at least), so workers claiming at once share them; the rest follow in prefix order."""
+def test_a_claim_takes_the_priority_groups_first(queue):
+    """Priority groups (chart answers) come first, whole and in prefix order, then the rest."""
     job_rows = rows(40, groups=10)  # k0000..k0009, 4 jobs each
     for r in job_rows:
         r["priority"] = int(r["prefix_key"] in ("k0003", "k0005", "k0007"))
     queue.enqueue("r", {}, "h", job_rows)
     run = queue.get_run("r")
-    first = queue.claim("w1", 32, 60, [run.id])  # 2 priority groups, then 24 jobs in prefix order
-    assert [j.prefix_key for j in first] == [k for k in ("k0003", "k0005", "k0000", "k0001", "k0002", "k0004", "k0006", "k0008")
-                                             for _ in range(4)]
+    first = queue.claim("w1", 10, 60, [run.id])  # the third priority group is cut
+    assert [j.prefix_key for j in first] == ["k0003"] * 4 + ["k0005"] * 4 + ["k0007"] * 2
     second = queue.claim("w2", 8, 60, [run.id])
-    assert [j.prefix_key for j in second] == ["k0007"] * 4 + ["k0009"] * 4
+    assert [j.prefix_key for j in second] == ["k0007"] * 2 + ["k0000"] * 4 + ["k0001"] * 2
 
 
 def test_finish_fail_and_late_results_are_fenced(queue):

@@ -22,3 +22,17 @@ def test_one_model_load_for_runs_with_the_same_engine(tmp_path, monkeypatch):
     queue = open_queue(db)
     assert all(queue.stats(run)["counts"]["done"] == 17 for run in queue.list_runs())
     assert len(loads) == 2  # html and csv share one engine; json has other engine options
+
+
+def test_the_model_loads_before_the_first_claim(tmp_path, monkeypatch):
+    """A worker claims only once its model is loaded: it holds no leases while it loads."""
+    data, db = write_sample(tmp_path / "data", images=False), str(tmp_path / "h.db")
+    result = CliRunner().invoke(cli, ["enqueue", "--data", str(data), "--modality", "text", "--format", "html", "--engine", "fake", "--db", db])
+    assert result.exit_code == 0, result.output
+    queue = open_queue(db)
+    running_at_load = []
+    real = hitq.engine.load_engine
+    monkeypatch.setattr(hitq.engine, "load_engine", lambda *a, **k: running_at_load.append(
+        queue.stats(queue.list_runs()[0])["counts"]["running"]) or real(*a, **k))
+    assert Worker(WorkerSpec(db=db, device="cpu", drain=True, poll_s=0.05)).loop() == 0
+    assert running_at_load == [0] and queue.stats(queue.list_runs()[0])["counts"]["done"] == 17

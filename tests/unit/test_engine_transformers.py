@@ -222,6 +222,9 @@ def test_engine_options_from_the_command_line(tiny_dir):
     assert load_engine("transformers", str(tiny_dir), load_weights="false", prefill_chunk="0").prefill_chunk is None
     with pytest.raises(UsageError, match="prefill_chunk must be a number of tokens, got 'lots'"):
         load_engine("transformers", str(tiny_dir), load_weights="false", prefill_chunk="lots")
+    assert load_engine("transformers", str(tiny_dir), load_weights="false", decode_share="0").decode_share == 0
+    with pytest.raises(UsageError, match="decode_share must be a number from 0 to 10, got 'fast'"):
+        load_engine("transformers", str(tiny_dir), load_weights="false", decode_share="fast")
 
 
 def test_count_only_engine_cannot_generate(tiny_dir, pictures):

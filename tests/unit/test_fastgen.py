@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
-from hitq.engine import planner  # noqa: E402
+from hitq.engine import fastgen, planner  # noqa: E402
 from hitq.engine.base import GenerationSettings, ImageLimits  # noqa: E402
 from hitq.engine.qwen3vl import TransformersEngine  # noqa: E402
 
@@ -123,63 +123,66 @@ def _flash_on_cpu(q, k, v, cu_q, starts, used, max_q, max_k, causal, scale):
     return out, lse
 
 
+def _slots_where(host, plan, max_k):
+    starts, used, cu_pairs, pairs, _ = plan
+    return fastgen.Where(None, host, (torch.tensor(starts), torch.tensor(used), torch.tensor(cu_pairs), torch.tensor(pairs), max_k))
+
+
 @pytest.mark.parametrize("smallest", [1, 5, 1024])
 def test_decode_slots_and_their_merge_equal_attention_row_by_row(monkeypatch, smallest):
-    """The decode step's plan (every segment cut into equal pieces over a fixed number of flash
-    sequences, unused ones reading scratch) and its log-sum-exp merge back into rows, against
-    sdpa over each row's prefix + own region."""
-    from hitq.engine import fastgen
-
+    """The decode step's plan (every segment cut into equal pieces over a fixed number of
+    sequences, each read once by every row that reads it, unused ones reading scratch) and its
+    log-sum-exp merge back into rows, against sdpa over each row's prefix + own region."""
     torch.manual_seed(0)
     N, Hkv, G, D = 400, 2, 3, 8
     k, v = torch.randn(N, Hkv, D), torch.randn(N, Hkv, D)
-    host = [[(0, 120), (200, 7)], [(0, 120), (210, 1)], [(130, 33), (250, 40)], [(N - 1, 1), (N - 1, 1)]]
-    starts, used, owner, size = fastgen.slots(host, 48, scratch=N - 1, smallest=smallest)
-    assert len(used) == len(owner) == 48 and max(used) == min(size, 120)
-    covered = sorted((owner[i], p) for i in range(48) if owner[i] < len(host) for p in range(starts[i], starts[i] + used[i]))
-    assert covered == sorted((r, p) for r, row in enumerate(host) for start, n in row for p in range(start, start + n))
-    where = fastgen.Where(None, host, (torch.tensor(starts), torch.tensor(used), torch.tensor(owner), 120))
+    # rows 0-9 share a prefix (more rows than read one piece together), row 10 alone, row 11 on scratch
+    host = [[(0, 120), (200 + 8 * i, 1 + i)] for i in range(10)] + [[(130, 33), (300, 40)], [(N - 1, 1), (N - 1, 1)]]
+    plan = fastgen.slots(host, 48, scratch=N - 1, smallest=smallest)
+    starts, used, cu_pairs, (owner, order, slot, index), size = plan
+    assert len(used) == 48 and len(owner) == 48 and max(used) == min(size, 120)
+    assert [owner[p] for p in order] == sorted(owner) and all(cu_pairs[slot[p]] + index[p] == p for p in range(48) if owner[p] < 12)
+    covered = sorted((owner[p], x) for p in range(48) if owner[p] < len(host)
+                     for x in range(starts[slot[p]], starts[slot[p]] + used[slot[p]]))
+    assert covered == sorted((r, x) for r, row in enumerate(host) for start, n in row for x in range(start, start + n))
+    prefix_reads = [cu_pairs[s + 1] - cu_pairs[s] for s in range(48) if 0 <= starts[s] < 120 and cu_pairs[s + 1] > cu_pairs[s]]
+    assert sorted(set(prefix_reads)) == [2, fastgen.ROWS_PER_READ]  # 10 rows: one read for 8 of them, one for 2
     q = torch.randn(len(host), Hkv * G, 1, D)
-    monkeypatch.setattr(fastgen, "_efficient", lambda q, k, v, cu_q, starts, used, max_q, max_k, scale:
+    monkeypatch.setattr(fastgen, "_efficient", lambda q, k, v, cu_q, starts, used, max_q, max_k, scale, lse_at:
                         _flash_on_cpu(q, k, v, cu_q, starts, used, max_q, max_k, False, scale))
-    got = fastgen._attend_decode(q, k, v, where, D**-0.5)
-    assert torch.allclose(got, fastgen._attend_reference(q, k, v, where, D**-0.5), atol=1e-5)
-    with pytest.raises(ValueError, match="segments for 4 slots"):
+    got = fastgen._attend_decode(q, k, v, _slots_where(host, plan, 120), D**-0.5)
+    assert torch.allclose(got, fastgen._attend_reference(q, k, v, fastgen.Where(None, host), D**-0.5), atol=1e-5)
+    with pytest.raises(ValueError, match="segment reads for 4 slots"):
         fastgen.slots(host, 4, scratch=N - 1)
 
 
 def test_an_idle_decode_row_reads_nothing_and_unused_slots_get_no_queries(monkeypatch):
-    """Decoder._load gives an idle decode position no segments: it gets no slot and a zero
+    """Decoder._load gives an idle decode position no segments: it gets no pair and a zero
     attention output (not 0/0), the busy rows are unchanged, and the unused slots, which come
     last, get no queries (so their thread blocks return at once)."""
-    from hitq.engine import fastgen
-
     torch.manual_seed(2)
     N, Hkv, G, D = 400, 2, 3, 8
     k, v = torch.randn(N, Hkv, D), torch.randn(N, Hkv, D)
     busy = [[(0, 120), (200, 7)], [(130, 33), (250, 40)]]
-    starts, used, owner, _ = fastgen.slots(busy[:1] + [[]] + busy[1:], 16, scratch=N - 1, smallest=16)
-    assert 1 not in owner and owner[-1] == 3 and sorted(owner) == owner
+    plan = fastgen.slots(busy[:1] + [[]] + busy[1:], 16, scratch=N - 1, smallest=16)
+    starts, used, cu_pairs, (owner, *_), _ = plan
+    assert 1 not in owner and owner[-1] == 3
     calls = []
 
-    def efficient(q, k, v, cu_q, starts, used, max_q, max_k, scale):
+    def efficient(q, k, v, cu_q, starts, used, max_q, max_k, scale, lse_at):
         calls.append(cu_q)
         return _flash_on_cpu(q, k, v, cu_q, starts, used, max_q, max_k, False, scale)
 
     monkeypatch.setattr(fastgen, "_efficient", efficient)
     q = torch.randn(3, Hkv * G, 1, D)
-    where = fastgen.Where(None, busy[:1] + [[(N - 1, 1), (N - 1, 1)]] + busy[1:],
-                          (torch.tensor(starts), torch.tensor(used), torch.tensor(owner), 120))
-    got = fastgen._attend_decode(q, k, v, where, D**-0.5)
+    got = fastgen._attend_decode(q, k, v, _slots_where(busy[:1] + [[(N - 1, 1), (N - 1, 1)]] + busy[1:], plan, 120), D**-0.5)
     want = fastgen._attend_reference(q[[0, 2]], k, v, fastgen.Where(None, busy), D**-0.5)
     assert torch.allclose(got[[0, 2]], want, atol=1e-5) and torch.equal(got[1], torch.zeros_like(got[1]))
-    used_slots = sum(o < 3 for o in owner)
-    assert calls[0].tolist() == [G * min(s, used_slots) for s in range(17)]
+    used_pairs = sum(o < 3 for o in owner)
+    assert calls[0].tolist() == [G * c for c in cu_pairs] and cu_pairs[-1] == used_pairs and cu_pairs[-2] == used_pairs
 
 
 def test_suffix_attention_merges_prefix_and_causal_own_region(monkeypatch):
-    from hitq.engine import fastgen
-
     torch.manual_seed(1)
     N, H, T, D = 300, 4, 5, 8
     k, v = torch.randn(N, 2, D), torch.randn(N, 2, D)
@@ -191,7 +194,6 @@ def test_suffix_attention_merges_prefix_and_causal_own_region(monkeypatch):
 
 
 def test_out_of_memory_in_the_fast_path_or_a_stream_is_engine_oom(engines, monkeypatch):
-    from hitq.engine import fastgen
     from hitq.errors import EngineOOM
 
     fast, _, picture = engines
@@ -231,3 +233,32 @@ def test_prefill_chunks_beside_decode_steps_give_the_same_tokens(engines):
         fast.prefill_chunk, fast.max_batch_rows = None, 64
     assert [(o.text, o.output_tokens) for o in got] == want
     assert max(o.extra["mixed_steps"] for o in got) >= 2  # a first and a later chunk ran beside decode steps
+
+
+def _run_paced(fast, batch, share):
+    """fastgen.run over the batch (each row forced to its limit); returns the rows."""
+    rows = [fastgen.Row(p, 30 if p.key == 20 else 3, forced=True) for p in batch]
+    stopper = fastgen.Stopper(fast.tokenizer, fast.eos_ids, lambda text: False)
+    with torch.inference_mode():
+        figures = fastgen.run(fast.model, fastgen.Batch(fastgen.make_groups(rows, fast.image_token_id)), 4000, 8, stopper,
+                              fast.eos_ids, fast.device, fastgen.cache_kwarg(fast.model), lambda: None, False, decode_share=share)
+    return rows, figures
+
+
+def test_a_paced_long_answer_decodes_beside_the_prefills_with_the_same_tokens(engines, monkeypatch):
+    """decode_share: while a long answer is live, the next group waits until the decode steps have
+    had their share of the time; without it every group is admitted first and the long answer's
+    steps trail after the last prefill. The tokens are the same either way."""
+    fast, slow, picture = engines
+    monkeypatch.setattr(fastgen, "LONG_ANSWER", 16)  # the 30-token answer of request 20 is long
+    batch = [p for p in _requests(fast, picture) if p.prefix_key != "image"]
+    (plain, plain_figures), (paced, paced_figures) = (_run_paced(fast, batch, share) for share in (0.0, 10.0))
+    assert [r.ids for r in paced] == [r.ids for r in plain]
+
+    def long_done_before_last_admission(rows):
+        long = next(r for r in rows if r.limit == 30)
+        return long.timing["admitted"] + long.timing["seconds"] < max(r.timing["admitted"] for r in rows)
+
+    assert not long_done_before_last_admission(plain) and plain_figures["steps"] == 29  # its first token is the prefill's
+    assert long_done_before_last_admission(paced)
+    assert plain_figures["tail_steps"] == 29 and paced_figures["tail_steps"] < 29  # steps after the last prefill

@@ -3,6 +3,7 @@ gives back what was not handed out, errors reach the taker."""
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -92,3 +93,19 @@ def test_an_error_of_the_thread_reaches_the_taker():
     feeder.start()
     with pytest.raises(RuntimeError, match="database away"):
         feeder.take(True)
+
+
+def test_no_lot_is_claimed_while_a_lot_waits_untaken():
+    """The feeder claims only while fewer than a lot are prepared and not yet taken, so a worker
+    whose engine is busy (a long answer's paced steps) leaves the queue's jobs to the others."""
+    lots: list[int] = []
+    feeder = Feeder(_claims([None] * 12, lots), lambda job: job, lot=3, backlog=100, stopping=lambda: False)
+    feeder.start()
+    until = time.monotonic() + 5
+    while sum(lots) < 3 and time.monotonic() < until:
+        time.sleep(0.01)
+    time.sleep(0.3)  # time for more claims, were they allowed
+    assert lots == [3] and feeder.queued == 3
+    entries = _drain(feeder)
+    feeder.join()
+    assert sorted(j.id for items, _ in entries for j in items) == list(range(12)) and lots == [3, 3, 3, 3, 0]
