@@ -68,7 +68,7 @@ class FakeEngine:
     def can_stream(self, settings: GenerationSettings) -> bool:
         return self.streaming
 
-    def stream(self, feed, done, longest: int, images: bool, stopping=lambda: False) -> list[Prepared]:
+    def stream(self, feed, done, longest: int, images: bool, stopping=lambda: False, started=lambda batch: None) -> list[Prepared]:
         """One request at a time as feed hands them out (see TransformersEngine.stream)."""
         given_back: list[Prepared] = []
         while (batch := feed(True)) is not None:
@@ -76,6 +76,7 @@ class FakeEngine:
                 if stopping():
                     given_back.append(p)
                     continue
+                started([p])
                 try:
                     done(p, self.generate([p], GenerationSettings())[0])
                 except EngineOOM as e:  # like a request larger than the arena

@@ -36,7 +36,6 @@ from hitq.engine.base import Prepared
 
 SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")  # (1, L) tensors
 LONG_ANSWER = 1024  # a row allowed more new tokens than this is a long answer (charts: 2,048)
-WAITING_ROWS = 8  # run asks its source for more groups while fewer rows than this wait for admission
 log = logging.getLogger("hitq.engine")
 def cache_kwarg(model) -> str:
     """The forward's name for the KV cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
@@ -661,6 +660,9 @@ class Batch:
         groups, self.groups = self.groups, None
         return groups
 
+    def started(self, group: Group) -> None:
+        """The group was admitted: its prefill begins."""
+
     def finished(self, row: Row, group: Group) -> None:
         """Row stopped (its tokens are in row.ids)."""
 
@@ -682,8 +684,8 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
     positions and the arena a region for its prefix and one per row for the row's suffix and
     outputs; every live row decodes together; a stopped row frees its decode position and its
     region at once, the prefix region goes with the group's last row. Waiting groups are kept in
-    planner.admission_order and topped up from `source` while fewer than WAITING_ROWS rows wait
-    (a stream's worker then holds few jobs it has not started).
+    planner.admission_order and topped up from `source` while fewer than `rows` wait; `source`
+    hears of each group as it is admitted (`started`).
     chunk (tokens): while rows are live, a text prefix is prefilled `chunk` tokens at a time, each
     chunk in one forward with the next decode step (Decoder.step_with), so decoding goes on during
     prefills; None: each prefix at once, the decode steps waiting for it.
@@ -751,7 +753,7 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
         admit(chunks.g, chunks.regions[1], logits, 0, t0, kept, waited_from)
 
     while True:
-        if not exhausted and sum(len(g.rows) for g in pending) < WAITING_ROWS:
+        if not exhausted and len(pending) < rows:
             new = source.more(idle=not (pending or live or filling))
             exhausted = new is None
             for g in planner.split_large(new or [], rows, positions):
@@ -773,6 +775,7 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
             if taken is None:  # memory is full until live rows stop
                 break
             pending.pop(0)
+            source.started(g)
             n += len(g.rows)
             prefix, owns = taken[0], taken[1:]
             holders[id(g)] = [prefix, len(g.rows)]

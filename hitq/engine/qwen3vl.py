@@ -562,11 +562,13 @@ class TransformersEngine:
         return self.fast and settings.temperature <= 0 and self.oom_injector is None
 
     def stream(self, feed: Callable[[bool], list[Prepared] | None], done: Callable[[Prepared, Output | EngineOOM], None],
-               longest: int, images: bool, stopping: Callable[[], bool] = lambda: False) -> list[Prepared]:
+               longest: int, images: bool, stopping: Callable[[], bool] = lambda: False,
+               started: Callable[[list[Prepared]], None] = lambda batch: None) -> list[Prepared]:
         """Greedy requests as they come, through one arena for the whole stream: `feed(idle)`
         returns new requests ([] for none yet; with idle=True it waits), None when there are no
-        more; `done(request, Output or EngineOOM)` gets each request when it stops, the EngineOOM
-        when the request alone is larger than the arena. The arena is sized for prompts of up to
+        more; `started(requests)` hears of requests as their prefill begins; `done(request, Output
+        or EngineOOM)` gets each request when it stops, the EngineOOM when the request alone is
+        larger than the arena. The arena is sized for prompts of up to
         `longest` tokens (with `images`, transformers' prefill workspace). Once `stopping()`, no
         request is started; the stream ends when the live ones stop, and returns the requests it
         gives back unstarted. An out-of-memory error ends the
@@ -574,7 +576,7 @@ class TransformersEngine:
         from hitq.engine import fastgen, planner
 
         budget = planner.device_budget(self.model, self.device, self.max_batch_rows, self.kv_budget_tokens, images)
-        source = _Stream(self, feed, done, stopping)
+        source = _Stream(self, feed, done, stopping, started)
         stopper = fastgen.Stopper(self.tokenizer, self.eos_ids, answer_complete)
 
         def run() -> dict:
@@ -629,8 +631,8 @@ class TransformersEngine:
 class _Stream:
     """TransformersEngine.stream's source for fastgen.run (see fastgen.Batch)."""
 
-    def __init__(self, engine: TransformersEngine, feed, done, stopping):
-        self.engine, self.feed, self.done, self.stopping = engine, feed, done, stopping
+    def __init__(self, engine: TransformersEngine, feed, done, stopping, on_start):
+        self.engine, self.feed, self.done, self.stopping, self.on_start = engine, feed, done, stopping, on_start
         self.given_back: list = []
 
     def more(self, idle: bool):
@@ -642,6 +644,9 @@ class _Stream:
         e = self.engine
         rows = [fastgen.Row(p, e.force_lengths.get(str(p.key), p.max_new_tokens), str(p.key) in e.force_lengths) for p in batch]
         return fastgen.make_groups(rows, e.image_token_id)
+
+    def started(self, group) -> None:
+        self.on_start([r.prepared for r in group.rows])
 
     def finished(self, row, group) -> None:
         extra = {"max_memory_reserved": self.engine._peak_reserved(), "stream": True}

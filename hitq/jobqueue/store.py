@@ -325,10 +325,17 @@ class Queue:
             return [dict(r, age_s=now - r["heartbeat_at"]) for r in conn.execute(sa.select(workers).order_by(workers.c.started_at)).mappings()]
 
     # -- reading -------------------------------------------------------------------------------
-    @retried
+    def unclaimed(self, run_ids: list[int] | None) -> int:
+        """Pending jobs: what the next claims can take (a stream's lots shrink near the end)."""
+        return self._count(run_ids, ["pending"])
+
     def unfinished(self, run_ids: list[int] | None) -> int:
         """Jobs that are pending or running: a draining worker stops when this reaches zero."""
-        q = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status.in_(["pending", "running"]))
+        return self._count(run_ids, ["pending", "running"])
+
+    @retried
+    def _count(self, run_ids: list[int] | None, statuses: list[str]) -> int:
+        q = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status.in_(statuses))
         if run_ids is not None:
             q = q.where(jobs.c.run_id.in_(run_ids))
         with self._reading() as conn:

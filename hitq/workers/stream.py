@@ -1,11 +1,12 @@
 """Claim and prepare jobs on a thread while the GPU generates (Executor.run_stream).
 
 The engine's stream asks for work between decode steps; a Feeder has it ready: it claims a lot
-of jobs whenever fewer than a lot are prepared and not yet taken by the engine and fewer than
+of jobs whenever fewer than a lot are prepared and not yet started by the engine and fewer than
 `backlog` are claimed and unfinished, prepares them (fitting, tokenising, images: CPU work, mostly
 in the tokenizer's Rust code with the GIL released) and queues them. So a worker holds few jobs
 it has not started: when the queue runs dry, the others are not left idle while it works through
-a hoard. A lot that ends inside a prefix group keeps the group's claimed jobs back for the
+a hoard. Near the end of the queue a lot is at most 1/SHARE of the jobs nobody has claimed (down
+to one job), so the workers' last jobs split evenly. A lot that ends inside a prefix group keeps the group's claimed jobs back for the
 next lot, and a group larger than a lot is claimed on until it ends (within `backlog`), so the
 group is prefilled once. Errors of the thread (the database away) reach the main thread at its
 next `take`.
@@ -16,21 +17,30 @@ import queue
 import threading
 from collections.abc import Callable
 
+SHARE = 8  # a lot takes at most 1/SHARE of the unclaimed jobs (when the Feeder is told how many)
+
 
 class Feeder(threading.Thread):
     def __init__(self, claim: Callable[[int], list], prepare: Callable[[object], object | None],
-                 lot: int, backlog: int, stopping: Callable[[], bool]):
+                 lot: int, backlog: int, stopping: Callable[[], bool], unclaimed: Callable[[], int] | None = None):
         """claim(n) -> up to n jobs ([] when none are left); prepare(job) -> a prepared Item, or
-        None when the job failed (recorded by `prepare`)."""
+        None when the job failed (recorded by `prepare`); unclaimed() -> jobs nobody has claimed."""
         super().__init__(daemon=True, name="hitq-feeder")
         self.claim, self.prepare, self.lot, self.backlog, self.stopping = claim, prepare, lot, backlog, stopping
+        self.unclaimed = unclaimed
         self.ready: queue.Queue = queue.Queue()
         self.unfinished = 0  # claimed, not yet finished or given back
-        self.queued = 0  # prepared and queued, not yet taken by the engine
+        self.unstarted = 0  # prepared and queued, not yet started by the engine
         self.lock = threading.Lock()
         self.room = threading.Condition(self.lock)
         self.error: BaseException | None = None
         self.ended = False  # the end mark was taken
+
+    def started(self, n: int) -> None:
+        """n of the queued jobs were started (or settled without starting)."""
+        with self.room:
+            self.unstarted -= n
+            self.room.notify()
 
     def finished(self, n: int = 1) -> None:
         with self.room:
@@ -41,10 +51,11 @@ class Feeder(threading.Thread):
         held: list = []  # the last prefix group of a lot, waiting for the rest of its jobs
         try:
             while not self.stopping():
+                lot = self.lot if self.unclaimed is None else max(1, min(self.lot, self.unclaimed() // SHARE))
                 with self.room:
-                    while (self.unfinished >= self.backlog or self.queued >= self.lot) and not self.stopping():
+                    while (self.unfinished >= self.backlog or self.unstarted >= lot) and not self.stopping():
                         self.room.wait(0.5)
-                new = [] if self.stopping() else self.claim(self.lot)
+                new = [] if self.stopping() else self.claim(lot)
                 with self.lock:
                     self.unfinished += len(new)
                 if not new:
@@ -54,7 +65,7 @@ class Feeder(threading.Thread):
                 # first, and a claim returns its priority groups before the rest.
                 last = jobs[-1].prefix_key
                 tail = [j for j in jobs if last is not None and j.prefix_key == last]
-                if len(tail) == len(jobs) and len(new) == self.lot and len(jobs) + self.lot <= self.backlog:
+                if len(tail) == len(jobs) and len(new) == lot and len(jobs) + lot <= self.backlog:
                     held = jobs  # one group larger than a lot so far (a table-first table): claim on
                     continue
                 if 0 < len(tail) < len(jobs):
@@ -79,7 +90,7 @@ class Feeder(threading.Thread):
             else:
                 items.append(item)
         with self.lock:
-            self.queued += len(items)
+            self.unstarted += len(items)
         self.ready.put(("items", items))
 
     def take(self, wait: bool) -> tuple[list, list] | None:
@@ -95,9 +106,6 @@ class Feeder(threading.Thread):
                 break
             if kind == "items":
                 items.extend(value)
-                with self.room:
-                    self.queued -= len(value)
-                    self.room.notify()
             elif kind == "given_back":
                 given_back.extend(value)
             else:

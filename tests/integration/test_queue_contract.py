@@ -39,6 +39,7 @@ def test_claim_orders_by_prefix_group_and_bumps_fence(queue):
     assert [j.prefix_key for j in jobs] == ["k0000"] * 4  # one whole prefix group first
     assert all(j.fence == 1 and j.attempts == 1 for j in jobs)
     assert queue.stats(run)["counts"] == {"pending": 8, "running": 4, "done": 0, "error": 0}
+    assert queue.unclaimed([run.id]) == 8 and queue.unfinished([run.id]) == 12
 
 
 def test_a_claim_takes_the_priority_groups_first(queue):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hitq.workers.stream import Feeder
+from hitq.workers.stream import SHARE, Feeder
 
 KEYS = ["a", "a", "b", "b", "b", "c", "d", "d", None, None]
 
@@ -27,6 +27,7 @@ def _drain(feeder):
     entries = []
     while (got := feeder.take(True)) is not None:
         entries.append(got)
+        feeder.started(len(got[0]))  # the engine starts and finishes what it takes at once
         feeder.finished(len(got[0]))
     return entries
 
@@ -95,8 +96,8 @@ def test_an_error_of_the_thread_reaches_the_taker():
         feeder.take(True)
 
 
-def test_no_lot_is_claimed_while_a_lot_waits_untaken():
-    """The feeder claims only while fewer than a lot are prepared and not yet taken, so a worker
+def test_no_lot_is_claimed_while_a_lot_waits_unstarted():
+    """The feeder claims only while fewer than a lot are prepared and not yet started, so a worker
     whose engine is busy (a long answer's paced steps) leaves the queue's jobs to the others."""
     lots: list[int] = []
     feeder = Feeder(_claims([None] * 12, lots), lambda job: job, lot=3, backlog=100, stopping=lambda: False)
@@ -105,7 +106,30 @@ def test_no_lot_is_claimed_while_a_lot_waits_untaken():
     while sum(lots) < 3 and time.monotonic() < until:
         time.sleep(0.01)
     time.sleep(0.3)  # time for more claims, were they allowed
-    assert lots == [3] and feeder.queued == 3
+    assert lots == [3] and feeder.unstarted == 3
+    items, _ = feeder.take(True)  # taken, not started: still no claim
+    time.sleep(0.3)
+    assert lots == [3] and feeder.unstarted == 3
+    feeder.started(3)
+    feeder.finished(3)
     entries = _drain(feeder)
     feeder.join()
-    assert sorted(j.id for items, _ in entries for j in items) == list(range(12)) and lots == [3, 3, 3, 3, 0]
+    assert sorted(j.id for got, _ in [(items, None)] + entries for j in got) == list(range(12)) and lots == [3, 3, 3, 3, 0]
+
+
+def test_lots_shrink_near_the_end_of_the_queue():
+    """Told how many jobs nobody has claimed, a lot takes at most 1/SHARE of them (one at least):
+    the workers' last jobs split evenly instead of one worker holding the last full lot."""
+    jobs, lots = [SimpleNamespace(id=i, prefix_key=None) for i in range(40)], []
+
+    def claim(n):
+        got, jobs[:] = jobs[:n], jobs[n:]
+        lots.append(len(got))
+        return got
+
+    feeder = Feeder(claim, lambda job: job, lot=8, backlog=100, stopping=lambda: False, unclaimed=lambda: len(jobs))
+    feeder.start()
+    entries = _drain(feeder)
+    feeder.join()
+    assert sorted(j.id for items, _ in entries for j in items) == list(range(40))
+    assert lots[0] == 40 // SHARE and lots == sorted(lots, reverse=True) and lots[-2:] == [1, 0]
