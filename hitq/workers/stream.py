@@ -6,10 +6,10 @@ of jobs whenever fewer than a lot are prepared and not yet started by the engine
 in the tokenizer's Rust code with the GIL released) and queues them. So a worker holds few jobs
 it has not started: when the queue runs dry, the others are not left idle while it works through
 a hoard. Near the end of the queue a lot is at most 1/SHARE of the jobs nobody has claimed (down
-to one job), so the workers' last jobs split evenly. A lot that ends inside a prefix group keeps the group's claimed jobs back for the
-next lot, and a group larger than a lot is claimed on until it ends (within `backlog`), so the
-group is prefilled once. Errors of the thread (the database away) reach the main thread at its
-next `take`.
+to one job), so the workers' last jobs split evenly. A lot that ends inside a prefix group keeps
+the group's claimed jobs back for the next lot, and a group larger than a lot is claimed on until
+it ends (within `backlog`), so the group is prefilled once. Errors of the thread (the database
+away) reach the main thread at its next `take`.
 """
 from __future__ import annotations
 

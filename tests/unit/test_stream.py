@@ -114,7 +114,8 @@ def test_no_lot_is_claimed_while_a_lot_waits_unstarted():
     feeder.finished(3)
     entries = _drain(feeder)
     feeder.join()
-    assert sorted(j.id for got, _ in [(items, None)] + entries for j in got) == list(range(12)) and lots == [3, 3, 3, 3, 0]
+    handed = items + [j for got, _ in entries for j in got]
+    assert sorted(j.id for j in handed) == list(range(12)) and lots == [3, 3, 3, 3, 0]
 
 
 def test_lots_shrink_near_the_end_of_the_queue():
