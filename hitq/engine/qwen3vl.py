@@ -53,32 +53,26 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
-def _tokens_option(name: str, value: Any) -> int | None:
-    """A token count from an engine option (None, 0 or "": off)."""
+def _number_option(name: str, value: Any, kind: type, most: float, what: str) -> int | float:
+    """A number from 0 to `most` from an engine option (the command line gives strings)."""
     try:
-        n = int(value or 0)
+        n = kind(value)
     except (TypeError, ValueError):
         n = -1
-    if n < 0:
-        raise UsageError(f"engine option {name} must be a number of tokens, got {value!r}")
-    return n or None
+    if not 0 <= n <= most:
+        raise UsageError(f"engine option {name} must be {what}, got {value!r}")
+    return n
+
+
+def _tokens_option(name: str, value: Any) -> int | None:
+    """A token count from an engine option (None, 0 or "": off)."""
+    return _number_option(name, value or 0, int, float("inf"), "a number of tokens") or None
 
 
 def _sizes(batch: list[Prepared]) -> str:
     """A batch's size, for out-of-memory messages."""
     tokens = [p.count.tokens for p in batch]
     return f"batch of {len(batch)}, prompt tokens {sum(tokens)} (longest {max(tokens)}), max_new_tokens {max(p.max_new_tokens for p in batch)}"
-
-
-def _share_option(value: Any) -> float:
-    """decode_share: a number from 0 to 10 (seconds of decode per second of prefill)."""
-    try:
-        share = float(value)
-    except (TypeError, ValueError):
-        share = -1.0
-    if not 0 <= share <= 10:
-        raise UsageError(f"engine option decode_share must be a number from 0 to 10, got {value!r}")
-    return share
 
 
 def _flag(value: Any) -> bool:
@@ -271,7 +265,7 @@ class TransformersEngine:
         # decode step (fastgen.run's chunk); off by default: slower on an H100 (bench/README.md).
         self.prefill_chunk = _tokens_option("prefill_chunk", prefill_chunk)
         # Fast path: decode seconds per prefill second while a long answer is live (fastgen.run's pacing).
-        self.decode_share = _share_option(decode_share)
+        self.decode_share = _number_option("decode_share", decode_share, float, 10, "a number from 0 to 10")
 
         from transformers import AutoProcessor
 
@@ -566,12 +560,12 @@ class TransformersEngine:
                started: Callable[[list[Prepared]], None] = lambda batch: None) -> list[Prepared]:
         """Greedy requests as they come, through one arena for the whole stream: `feed(idle)`
         returns new requests ([] for none yet; with idle=True it waits), None when there are no
-        more; `started(requests)` hears of requests as their prefill begins; `done(request, Output
-        or EngineOOM)` gets each request when it stops, the EngineOOM when the request alone is
-        larger than the arena. The arena is sized for prompts of up to
-        `longest` tokens (with `images`, transformers' prefill workspace). Once `stopping()`, no
-        request is started; the stream ends when the live ones stop, and returns the requests it
-        gives back unstarted. An out-of-memory error ends the
+        more; `started(requests)` hears of requests as they stop waiting (their prefill begins, or
+        they are refused as larger than the arena); `done(request, Output or EngineOOM)` gets each
+        request when it stops, the EngineOOM when the request alone is larger than the arena. The
+        arena is sized for prompts of up to `longest` tokens (with `images`, transformers' prefill
+        workspace). Once `stopping()`, no request is started; the stream ends when the live ones
+        stop, and returns the requests it gives back unstarted. An out-of-memory error ends the
         stream as EngineOOM; requests not yet done are then the caller's to retry."""
         from hitq.engine import fastgen, planner
 
@@ -653,6 +647,7 @@ class _Stream:
         self.done(row.prepared, self.engine._output(row, group, extra, row.timing["seconds"]))
 
     def too_large(self, group, positions: int) -> None:
+        self.started(group)  # no longer waiting: refused
         for r in group.rows:
             self.done(r.prepared, EngineOOM(f"out of memory on {self.engine.device}: {r.prepared.count.tokens} prompt tokens "
                                             f"+ {r.limit} new need {group.positions} cache positions, {positions} fit"))

@@ -135,18 +135,8 @@ class Executor:
             fed.update((i.job.query_id, i) for i in items)
             return [i.prepared for i in items]
 
-        started_keys: set = set()
-
-        def started(batch: list[Prepared]) -> None:
-            started_keys.update(p.key for p in batch)
-            feeder.started(len(batch))
-
         def done(prepared: Prepared, result: Output | EngineOOM) -> None:
             item = fed.pop(prepared.key)
-            if prepared.key in started_keys:
-                started_keys.remove(prepared.key)
-            else:  # settled without starting (larger than the arena)
-                feeder.started(1)
             feeder.finished()  # out of the stream: room for another job
             if isinstance(result, EngineOOM) or (self.config.format_retries and answer.extract(result.text) is None):
                 later.append((item, result))  # still in hand, run after the stream
@@ -157,7 +147,8 @@ class Executor:
         feeder.start()
         try:
             unstarted = self.engine.stream(feed, done, self.config.max_input_tokens, self.config.modality != "text",
-                                           lambda: stopping() or aborted.is_set(), started)
+                                           lambda: stopping() or aborted.is_set(),
+                                           lambda requests: feeder.started(len(requests)))
             give_back([fed.pop(p.key).job for p in unstarted])
         except EngineOOM as e:  # the stream ran out of memory: what it held goes the one-batch way
             log.warning("stream: %s: %d requests continue in batches", e, len(fed), extra={"action": "oom_split"})

@@ -37,7 +37,7 @@ class Feeder(threading.Thread):
         self.ended = False  # the end mark was taken
 
     def started(self, n: int) -> None:
-        """n of the queued jobs were started (or settled without starting)."""
+        """n of the queued jobs stopped waiting in the engine (started, or refused as too large)."""
         with self.room:
             self.unstarted -= n
             self.room.notify()

@@ -262,3 +262,16 @@ def test_a_paced_long_answer_decodes_beside_the_prefills_with_the_same_tokens(en
     assert not long_done_before_last_admission(plain) and plain_figures["steps"] == 29  # its first token is the prefill's
     assert long_done_before_last_admission(paced)
     assert plain_figures["tail_steps"] == 29 and paced_figures["tail_steps"] < 29  # steps after the last prefill
+
+
+def test_a_stream_reports_every_request_as_it_stops_waiting(engines, monkeypatch):
+    """started() hears of each request once: when its prefill begins, or when it is refused as
+    larger than the arena (the worker's feeder counts the jobs still waiting by it)."""
+    fast, slow, picture = engines
+    batch = [p for p in _requests(fast, picture) if p.prefix_key in ("single", None)]
+    monkeypatch.setattr(fast, "kv_budget_tokens", 60)  # the short request fits, the longer one does not
+    fed, done, started = [batch], {}, []
+    fast.stream(lambda idle: fed.pop() if fed else None, lambda p, out: done.update({p.key: out}), 1000, images=False,
+                started=lambda requests: started.extend(p.key for p in requests))
+    assert sorted(started) == sorted(done) == sorted(p.key for p in batch)
+    assert [type(done[k]).__name__ for k in (20, 21)] == ["EngineOOM", "Output"]
