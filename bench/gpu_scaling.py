@@ -32,6 +32,7 @@ p.add_argument("--reference", required=True)
 p.add_argument("-n", type=int, default=300)
 p.add_argument("--gpus", default="0..1")
 p.add_argument("--runs", default="warm,one,all", help="which of warm, one, all to run (a later call on the same warm machine)")
+p.add_argument("--logs", help="a folder for each run's full worker log (RUN.log)")
 p.add_argument("--engine-opt", action="append", default=[], metavar="KEY=VALUE", help="as hitq bench --engine-opt")
 args = p.parse_args()
 
@@ -62,6 +63,8 @@ with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run([sys.executable, "-m", "hitq.cli.main", "work", "--gpu", gpus, "--run", name, "--drain",
                                "--poll-seconds", "0.2", "--db", url], capture_output=True, text=True)
         wall = time.perf_counter() - t0
+        if args.logs:
+            Path(args.logs, f"{name}.log").write_text(proc.stderr)
         run = queue.get_run(name)
         events = queue.event_log(run.id)
         first = min(e["at"] for e in events if e["kind"] == "claimed")
@@ -72,6 +75,8 @@ with tempfile.TemporaryDirectory() as tmp:
                      "queries_per_s": len(rows) / (last - first), "statuses": {s: sum(r["status"] == s for r in rows) for s in
                                                                                  ("done", "error", "pending", "running")},
                      "jobs_per_worker": {w: sum(1 for e in events if e["kind"] == "claimed" and e["worker"] == w) for w in workers},
+                     "worker_window_s": {w: [min(e["at"] for e in events if e["worker"] == w) - first,
+                                             max(e["at"] for e in events if e["worker"] == w) - first] for w in workers},
                      "log_tail": [line for line in proc.stderr.splitlines() if "decode:" in line or "stream of" in line][-6:]}
         print(json.dumps({name: out[name]}), file=sys.stderr, flush=True)
 if "one" in out and "all" in out:

@@ -25,6 +25,7 @@ from hitq.jobqueue.models import events, jobs, runs, workers
 # What makes a job the same query: re-enqueueing an id with other values is refused, not ignored.
 IDENTITY_FIELDS = ("file_name", "question_type", "sub_q_type", "question", "reference")
 CHUNK = 500  # rows per INSERT/UPDATE statement in bulk operations
+CLAIM_LOCK = 0x6869_7471  # PostgreSQL advisory lock ("hitq") that claims take one at a time
 RESULT_FIELDS = (
     "prediction", "raw_output", "original_tokens", "input_tokens", "output_tokens", "truncated",
     "rows_dropped", "image_pixels_before", "image_pixels_after", "processing_time", "details",
@@ -183,24 +184,35 @@ class Queue:
         return len(expired)
 
     @retried
-    def claim(self, worker: str, limit: int, lease_s: float, run_ids: list[int] | None = None) -> list[Job]:
-        """Take up to `limit` pending jobs under a lease of `lease_s`: the priority groups (chart
-        answers) first, then the rest, each in prefix-group order, so groups come whole (the last
-        one may be cut). The worker that holds the long answers decodes them in shared steps and
-        paces them beside its prefills (fastgen.run), while the others take the rest."""
+    def claim(self, worker: str, limit: int, lease_s: float, run_ids: list[int] | None = None, group_rest: int = 0) -> list[Job]:
+        """Take `limit` pending jobs under a lease of `lease_s`, and up to `group_rest` more that
+        finish the last one's prefix group: the priority groups (chart answers) first, then the
+        rest, each in prefix-group order, so a group goes to one worker and its prefix is
+        prefilled once (a group split between two workers is prefilled by both). The worker that
+        holds the long answers decodes them in shared steps and paces them beside its prefills
+        (fastgen.run), while the others take the rest."""
         with self.engine.begin() as conn:
+            if self.is_postgres:
+                # One claim at a time (SQLite's write lock does the same): under SKIP LOCKED alone, a
+                # claim running beside another takes the rest of the group the other is finishing.
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(CLAIM_LOCK)))
             now = self._now(conn)
             self.reap(conn, now)
             pending = [jobs.c.status == "pending"] + ([jobs.c.run_id.in_(run_ids)] if run_ids is not None else [])
-            ids = []
+            picked, key = [], (jobs.c.id, jobs.c.run_id, jobs.c.priority, jobs.c.prefix_key)
             # the priority part is small; the rest is read from ix_jobs_claim in claim order, with no sort
             for which in (jobs.c.priority > 0, jobs.c.priority == 0):
-                if len(ids) < limit:
-                    pick = (sa.select(jobs.c.id).where(*pending, which, jobs.c.id.not_in(ids))
-                            .order_by(jobs.c.prefix_key, jobs.c.id).limit(limit - len(ids)))
-                    if self.is_postgres:
-                        pick = pick.with_for_update(skip_locked=True)
-                    ids += conn.execute(pick).scalars().all()
+                if len(picked) < limit:
+                    picked += self._pick(conn, sa.select(*key).where(
+                        *pending, which, jobs.c.id.not_in([r.id for r in picked])).order_by(jobs.c.prefix_key, jobs.c.id)
+                        .limit(limit - len(picked)))
+            if group_rest and picked and picked[-1].prefix_key is not None:
+                last = picked[-1]
+                picked += self._pick(conn, sa.select(*key).where(  # ix_jobs_claim's columns, in its order
+                    jobs.c.run_id == last.run_id, jobs.c.status == "pending", jobs.c.priority == last.priority,
+                    jobs.c.prefix_key == last.prefix_key,
+                    jobs.c.id.not_in([r.id for r in picked])).order_by(jobs.c.id).limit(group_rest))
+            ids = [r.id for r in picked]
             claimed = conn.execute(
                 sa.update(jobs)
                 .where(jobs.c.id.in_(ids))
@@ -211,8 +223,12 @@ class Queue:
                 .returning(*[jobs.c[f] for f in Job.__dataclass_fields__])
             ).mappings().all()
             self._log(conn, now, "claimed", [(r["id"], r["fence"]) for r in claimed], worker)
-        order = {job_id: i for i, job_id in enumerate(ids)}  # priority groups first; a cut group last
+        order = {job_id: i for i, job_id in enumerate(ids)}  # priority groups first
         return sorted((Job(**r) for r in claimed), key=lambda j: order[j.id])
+
+    def _pick(self, conn, select) -> list:
+        """Rows of `select`, locked against other claims on PostgreSQL (rows others hold are skipped)."""
+        return conn.execute(select.with_for_update(skip_locked=True) if self.is_postgres else select).all()
 
     def heartbeat(self, worker: str, held: dict[int, int], lease_s: float) -> set[int]:
         """Extend the leases of `held` ({job id: fence}); returns the ids this worker still owns."""

@@ -96,7 +96,13 @@ class Executor:
         fed: dict = {}  # query id -> Item, handed to the engine
         later: list[tuple[Item, Output | EngineOOM | None]] = []  # None: to run again (the stream ran out of memory)
         lot = max(1, batch // 8)
-        pending_first = [first[i : i + lot] for i in range(0, len(first), lot)][::-1]
+        pending_first: list[list[Job]] = []  # `first` in lots of at least `lot`, cut between prefix groups
+        for job in first:
+            if pending_first and (len(pending_first[-1]) < lot or job.prefix_key is not None and job.prefix_key == pending_first[-1][-1].prefix_key):
+                pending_first[-1].append(job)
+            else:
+                pending_first.append([job])
+        pending_first.reverse()
 
         def held(add=(), drop=()) -> None:
             with lock:
@@ -127,11 +133,9 @@ class Executor:
                 feeder.finished(len(jobs))
 
         def feed(idle: bool) -> list[Prepared] | None:
-            got = feeder.take(idle)
-            if got is None:
+            items = feeder.take(idle)
+            if items is None:
                 return None
-            items, given_back = got
-            give_back(given_back)
             fed.update((i.job.query_id, i) for i in items)
             return [i.prepared for i in items]
 
@@ -158,8 +162,8 @@ class Executor:
         finally:
             aborted.set()
             feeder.join()
-        while (got := feeder.take(False)) is not None:  # prepared, never fed: back to the queue
-            give_back([i.job for i in got[0]] + got[1])
+        while (items := feeder.take(False)) is not None:  # prepared, never fed: back to the queue
+            give_back([i.job for i in items])
         again = self._generate([item for item, result in later if result is None])
         for item, result in again + [(i, self._ladder(i, r) if isinstance(r, EngineOOM) else r) for i, r in later if r is not None]:
             if isinstance(result, JobError):

@@ -6,10 +6,9 @@ of jobs whenever fewer than a lot are prepared and not yet started by the engine
 in the tokenizer's Rust code with the GIL released) and queues them. So a worker holds few jobs
 it has not started: when the queue runs dry, the others are not left idle while it works through
 a hoard. Near the end of the queue a lot is at most 1/SHARE of the jobs nobody has claimed (down
-to one job), so the workers' last jobs split evenly. A lot that ends inside a prefix group keeps
-the group's claimed jobs back for the next lot, and a group larger than a lot is claimed on until
-it ends (within `backlog`), so the group is prefilled once. Errors of the thread (the database
-away) reach the main thread at its next `take`.
+to one job), so the workers' last jobs split evenly. The claim completes the lot's last prefix
+group (Queue.claim's `group_rest`), and a lot goes to the engine as one piece, so each group is
+prefilled once. Errors of the thread (the database away) reach the main thread at its next `take`.
 """
 from __future__ import annotations
 
@@ -48,7 +47,6 @@ class Feeder(threading.Thread):
             self.room.notify()
 
     def run(self) -> None:
-        held: list = []  # the last prefix group of a lot, waiting for the rest of its jobs
         try:
             while not self.stopping():
                 lot = self.lot if self.unclaimed is None else max(1, min(self.lot, self.unclaimed() // SHARE))
@@ -60,25 +58,11 @@ class Feeder(threading.Thread):
                     self.unfinished += len(new)
                 if not new:
                     break
-                jobs, held = held + new, []
-                # The last group may be cut. Its jobs need not be contiguous: the held part comes
-                # first, and a claim returns its priority groups before the rest.
-                last = jobs[-1].prefix_key
-                tail = [j for j in jobs if last is not None and j.prefix_key == last]
-                if len(tail) == len(jobs) and len(new) == lot and len(jobs) + lot <= self.backlog:
-                    held = jobs  # one group larger than a lot so far (a table-first table): claim on
-                    continue
-                if 0 < len(tail) < len(jobs):
-                    jobs, held = [j for j in jobs if j.prefix_key != last], tail
-                self._prepare(jobs)
-            if self.stopping():
-                self.ready.put(("given_back", held))
-            else:
-                self._prepare(held)
+                self._prepare(new)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             self.error = e
         finally:
-            self.ready.put(("end", None))
+            self.ready.put(None)  # the end mark
 
     def _prepare(self, jobs: list) -> None:
         """Queue the lot as one entry: a prefix group must reach the engine in one piece."""
@@ -91,27 +75,25 @@ class Feeder(threading.Thread):
                 items.append(item)
         with self.lock:
             self.unstarted += len(items)
-        self.ready.put(("items", items))
+        self.ready.put(items)
 
-    def take(self, wait: bool) -> tuple[list, list] | None:
-        """(prepared items, jobs given back) queued so far; with wait, at least one of either
-        unless the feeder ends. None once it has ended and everything was taken."""
-        items, given_back = [], []
+    def take(self, wait: bool) -> list | None:
+        """The prepared items queued so far; with wait, at least one lot unless the feeder ends.
+        None once it has ended and everything was taken."""
+        items: list = []
         while not (self.ended and self.ready.empty()):
             try:
-                kind, value = self.ready.get(block=wait and not (items or given_back), timeout=0.5)
+                lot = self.ready.get(block=wait and not items, timeout=0.5)
             except queue.Empty:
-                if self.error is None and wait and not (items or given_back):
+                if self.error is None and wait and not items:
                     continue
                 break
-            if kind == "items":
-                items.extend(value)
-            elif kind == "given_back":
-                given_back.extend(value)
-            else:
+            if lot is None:
                 self.ended = True
+            else:
+                items.extend(lot)
         if self.error is not None:
             raise self.error
-        if self.ended and not (items or given_back):
+        if self.ended and not items:
             return None
-        return items, given_back
+        return items

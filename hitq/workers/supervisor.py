@@ -39,7 +39,8 @@ class Supervisor:
         self.fatal = False
 
     def _start(self, slot: Slot) -> None:
-        slot.current = self.ctx.Array("d", 2 + 2 * max(1, slot.spec.batch_size), lock=False)
+        # room for twice the batch: a stream holds up to its backlog (the batch) + a lot + the rest of a prefix group
+        slot.current = self.ctx.Array("d", 2 + 4 * max(1, slot.spec.batch_size), lock=False)
         slot.started_at = time.time()
         slot.process = self.ctx.Process(target=child_main, args=(slot.spec, slot.current), daemon=False)
         slot.process.start()

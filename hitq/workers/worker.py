@@ -152,7 +152,7 @@ class Worker:
                 targets = run_ids or self.queue.runs_with_pending()[:1]
                 if targets and self.queue.unfinished(targets):
                     self._executor(targets[0])  # the model loads before the claim: no leases held while it loads
-                jobs = self.queue.claim(self.id, self.spec.batch_size, self.spec.lease_s, targets) if targets else []
+                jobs = self.queue.claim(self.id, self.spec.batch_size, self.spec.lease_s, targets, group_rest=self._group_rest) if targets else []
                 if not jobs:
                     if self.spec.drain and self.queue.unfinished(run_ids) == 0:
                         log.info("no work left: exiting", extra={"action": "drained"})
@@ -188,6 +188,12 @@ class Worker:
             self._mark(jobs)
         return hold
 
+    @property
+    def _group_rest(self) -> int:
+        """A claim finishes the prefix group it ends in (a batch more at most), so each group is
+        prefilled once, unless --max-jobs or --batch-size 1 asks for exact counts."""
+        return self.spec.batch_size if self.spec.max_jobs is None and self.spec.batch_size > 1 else 0
+
     def _claimer(self, run_id: int, done: int, claimed: list[int]):
         """claim(n) for a stream: up to n more jobs of `run_id`, none once stopping or at
         max_jobs; claimed[0] counts them (the first lot included)."""
@@ -196,7 +202,7 @@ class Worker:
                 n = min(n, self.spec.max_jobs - done - claimed[0])
             if self.stop_requested or n <= 0:
                 return []
-            jobs = self.queue.claim(self.id, n, self.spec.lease_s, [run_id])
+            jobs = self.queue.claim(self.id, n, self.spec.lease_s, [run_id], group_rest=self._group_rest)
             claimed[0] += len(jobs)
             return jobs
         return claim

@@ -42,17 +42,23 @@ def test_claim_orders_by_prefix_group_and_bumps_fence(queue):
     assert queue.unclaimed([run.id]) == 8 and queue.unfinished([run.id]) == 12
 
 
-def test_a_claim_takes_the_priority_groups_first(queue):
-    """Priority groups (chart answers) come first, whole and in prefix order, then the rest."""
+def test_a_claim_takes_the_priority_groups_first_and_whole(queue):
+    """Priority groups (chart answers) come first, in prefix order, then the rest; a claim takes
+    the rest of the group its limit ends in, so no group is split between two workers (each
+    would prefill its prefix), up to `group_rest` more jobs; without it the limit is exact."""
     job_rows = rows(40, groups=10)  # k0000..k0009, 4 jobs each
     for r in job_rows:
         r["priority"] = int(r["prefix_key"] in ("k0003", "k0005", "k0007"))
     queue.enqueue("r", {}, "h", job_rows)
     run = queue.get_run("r")
-    first = queue.claim("w1", 10, 60, [run.id])  # the third priority group is cut
-    assert [j.prefix_key for j in first] == ["k0003"] * 4 + ["k0005"] * 4 + ["k0007"] * 2
-    second = queue.claim("w2", 8, 60, [run.id])
-    assert [j.prefix_key for j in second] == ["k0007"] * 2 + ["k0000"] * 4 + ["k0001"] * 2
+    first = queue.claim("w1", 10, 60, [run.id], group_rest=8)  # 10 ends inside the third priority group: all of it
+    assert [j.prefix_key for j in first] == ["k0003"] * 4 + ["k0005"] * 4 + ["k0007"] * 4
+    second = queue.claim("w2", 5, 60, [run.id], group_rest=8)
+    assert [j.prefix_key for j in second] == ["k0000"] * 4 + ["k0001"] * 4
+    third = queue.claim("w3", 3, 60, [run.id])
+    assert [j.prefix_key for j in third] == ["k0002"] * 3
+    fourth = queue.claim("w4", 2, 60, [run.id], group_rest=2)
+    assert [j.prefix_key for j in fourth] == ["k0002"] + ["k0004"] * 3  # at most 2 more: the rest of k0004 stays
 
 
 def test_finish_fail_and_late_results_are_fenced(queue):
