@@ -67,14 +67,20 @@ with tempfile.TemporaryDirectory() as tmp:
             Path(args.logs, f"{name}.log").write_text(proc.stderr)
         run = queue.get_run(name)
         events = queue.event_log(run.id)
+        rows = queue.result_rows(name)
         first = min(e["at"] for e in events if e["kind"] == "claimed")
         last = max(e["at"] for e in events if e["kind"] in ("finished", "failed"))
-        rows = queue.result_rows(name)
         workers = sorted({e["worker"] for e in events if e["kind"] == "claimed"})
+        key = {r["id"]: r["prefix_key"] for r in rows}
+        claimers: dict = {}
+        for e in events:
+            if e["kind"] == "claimed":
+                claimers.setdefault(key[e["job_id"]], set()).add(e["worker"])
         out[name] = {"gpus": gpus, "exit": proc.returncode, "wall_s": wall, "first_claim_to_last_finish_s": last - first,
                      "queries_per_s": len(rows) / (last - first), "statuses": {s: sum(r["status"] == s for r in rows) for s in
                                                                                  ("done", "error", "pending", "running")},
                      "jobs_per_worker": {w: sum(1 for e in events if e["kind"] == "claimed" and e["worker"] == w) for w in workers},
+                     "groups": len(claimers), "groups_split": sum(len(ws) > 1 for ws in claimers.values()),
                      "worker_window_s": {w: [min(e["at"] for e in events if e["worker"] == w) - first,
                                              max(e["at"] for e in events if e["worker"] == w) - first] for w in workers},
                      "log_tail": [line for line in proc.stderr.splitlines() if "decode:" in line or "stream of" in line][-6:]}
