@@ -150,9 +150,10 @@ class Worker:
         try:
             while not self.stop_requested and (self.spec.max_jobs is None or done < self.spec.max_jobs):
                 targets = run_ids or self.queue.runs_with_pending()[:1]
-                if targets and self.queue.unfinished(targets):
-                    self._executor(targets[0])  # the model loads before the claim: no leases held while it loads
-                jobs = self.queue.claim(self.id, self.spec.batch_size, self.spec.lease_s, targets, group_rest=self._group_rest) if targets else []
+                # the model loads before the claim: no leases held while it loads
+                ahead = self._executor(targets[0]) if targets and self.queue.unfinished(targets) else None
+                jobs = self.queue.claim(self.id, self.spec.batch_size, self.spec.lease_s, targets,
+                                        group_rest=self._group_rest(ahead)) if targets else []
                 if not jobs:
                     if self.spec.drain and self.queue.unfinished(run_ids) == 0:
                         log.info("no work left: exiting", extra={"action": "drained"})
@@ -164,7 +165,7 @@ class Worker:
                 executor = self._executor(jobs[0].run_id)
                 if executor.streams() and self.spec.batch_size > 1:
                     claimed = [len(jobs)]
-                    outcome = executor.run_stream(jobs, self._claimer(jobs[0].run_id, done, claimed), hold,
+                    outcome = executor.run_stream(jobs, self._claimer(jobs[0].run_id, done, claimed, self._group_rest(executor)), hold,
                                                   lambda: self.stop_requested, self.spec.batch_size)
                     log.info("stream of %d: %s", claimed[0], outcome, extra={"action": "batch_done"})
                     done += claimed[0]
@@ -188,13 +189,13 @@ class Worker:
             self._mark(jobs)
         return hold
 
-    @property
-    def _group_rest(self) -> int:
-        """A claim finishes the prefix group it ends in (a batch more at most), so each group is
-        prefilled once, unless --max-jobs or --batch-size 1 asks for exact counts."""
-        return self.spec.batch_size if self.spec.max_jobs is None and self.spec.batch_size > 1 else 0
+    def _group_rest(self, executor) -> int:
+        """A stream's claim finishes the prefix group it ends in (a batch more at most), so the
+        group's prefix is prefilled once; batches and --max-jobs take exact counts."""
+        streams = executor is not None and executor.streams() and self.spec.batch_size > 1
+        return self.spec.batch_size if streams and self.spec.max_jobs is None else 0
 
-    def _claimer(self, run_id: int, done: int, claimed: list[int]):
+    def _claimer(self, run_id: int, done: int, claimed: list[int], group_rest: int):
         """claim(n) for a stream: up to n more jobs of `run_id`, none once stopping or at
         max_jobs; claimed[0] counts them (the first lot included)."""
         def claim(n: int) -> list:
@@ -202,7 +203,7 @@ class Worker:
                 n = min(n, self.spec.max_jobs - done - claimed[0])
             if self.stop_requested or n <= 0:
                 return []
-            jobs = self.queue.claim(self.id, n, self.spec.lease_s, [run_id], group_rest=self._group_rest)
+            jobs = self.queue.claim(self.id, n, self.spec.lease_s, [run_id], group_rest=group_rest)
             claimed[0] += len(jobs)
             return jobs
         return claim
