@@ -20,7 +20,7 @@ from hitq.engine.base import GenerationSettings, ImageLimits, Output, Prepared
 from hitq.errors import BadFormat, EngineOOM, HitqError, JobError
 from hitq.jobqueue import Job, Queue, Run
 from hitq.runconfig import RunConfig
-from hitq.workers.stream import Feeder
+from hitq.workers.stream import Feeder, lots
 
 log = logging.getLogger("hitq.worker")
 LADDER = ((0.25, 0.5), (0.0625, 0.25))  # (pixel factor, token budget factor) of each OOM retry
@@ -96,13 +96,7 @@ class Executor:
         fed: dict = {}  # query id -> Item, handed to the engine
         later: list[tuple[Item, Output | EngineOOM | None]] = []  # None: to run again (the stream ran out of memory)
         lot = max(1, batch // 8)
-        pending_first: list[list[Job]] = []  # `first` in lots of at least `lot`, cut between prefix groups
-        for job in first:
-            if pending_first and (len(pending_first[-1]) < lot or job.prefix_key is not None and job.prefix_key == pending_first[-1][-1].prefix_key):
-                pending_first[-1].append(job)
-            else:
-                pending_first.append([job])
-        pending_first.reverse()
+        pending_first = lots(first, lot)[::-1]
 
         def held(add=(), drop=()) -> None:
             with lock:

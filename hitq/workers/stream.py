@@ -19,6 +19,17 @@ from collections.abc import Callable
 SHARE = 8  # a lot takes at most 1/SHARE of the unclaimed jobs (when the Feeder is told how many)
 
 
+def lots(jobs: list, size: int) -> list[list]:
+    """`jobs` (claimed in prefix-group order) in lots of at least `size`, cut only between groups."""
+    out: list[list] = []
+    for job in jobs:
+        if out and (len(out[-1]) < size or job.prefix_key is not None and job.prefix_key == out[-1][-1].prefix_key):
+            out[-1].append(job)
+        else:
+            out.append([job])
+    return out
+
+
 class Feeder(threading.Thread):
     def __init__(self, claim: Callable[[int], list], prepare: Callable[[object], object | None],
                  lot: int, backlog: int, stopping: Callable[[], bool], unclaimed: Callable[[], int] | None = None):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hitq.workers.stream import SHARE, Feeder
+from hitq.workers.stream import SHARE, Feeder, lots
 
 KEYS = ["a", "a", "b", "b", "b", "c", "d", "d", None, None]
 
@@ -46,6 +46,12 @@ def test_claimed_groups_reach_the_taker_whole_and_failed_jobs_are_counted():
         keys = {KEYS[i] for i in ids if KEYS[i]}
         assert all(sum(KEYS[i] == k for i in ids) == KEYS.count(k) for k in keys)
     assert lots == [5, 3, 2, 0] and feeder.unfinished == 0  # a + all of b; c, d; the rest
+
+
+def test_a_first_claim_is_cut_into_lots_between_groups():
+    jobs = [SimpleNamespace(id=i, prefix_key=k) for i, k in enumerate(KEYS)]
+    assert [[KEYS[j.id] for j in lot] for lot in lots(jobs, 3)] == [["a", "a", "b", "b", "b"], ["c", "d", "d"], [None, None]]
+    assert [len(lot) for lot in lots(jobs, 1)] == [2, 3, 1, 2, 1, 1]
 
 
 def test_backlog_bounds_claims_and_stop_ends_the_claims():
