@@ -163,7 +163,7 @@ class Worker:
                 hold = self._holder(heartbeat)
                 hold(jobs)
                 executor = self._executor(jobs[0].run_id)
-                if executor.streams() and self.spec.batch_size > 1:
+                if self._streams(executor):
                     claimed = [len(jobs)]
                     outcome = executor.run_stream(jobs, self._claimer(jobs[0].run_id, done, claimed, self._group_rest(executor)), hold,
                                                   lambda: self.stop_requested, self.spec.batch_size)
@@ -189,11 +189,14 @@ class Worker:
             self._mark(jobs)
         return hold
 
+    def _streams(self, executor) -> bool:
+        """Whether this worker runs the executor's jobs as a stream (else in batches)."""
+        return executor is not None and executor.streams() and self.spec.batch_size > 1
+
     def _group_rest(self, executor) -> int:
         """A stream's claim finishes the prefix group it ends in (a batch more at most), so the
         group's prefix is prefilled once; batches and --max-jobs take exact counts."""
-        streams = executor is not None and executor.streams() and self.spec.batch_size > 1
-        return self.spec.batch_size if streams and self.spec.max_jobs is None else 0
+        return self.spec.batch_size if self._streams(executor) and self.spec.max_jobs is None else 0
 
     def _claimer(self, run_id: int, done: int, claimed: list[int], group_rest: int):
         """claim(n) for a stream: up to n more jobs of `run_id`, none once stopping or at
