@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from hitq.engine import fused, planner
+from hitq.engine import fused, planner, splitkv
 from hitq.engine.base import Prepared
 
 SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")  # (1, L) tensors
@@ -279,11 +279,20 @@ def _flash(q, k, v, cu_q, starts, used, max_q: int, max_k: int, causal: bool, sc
     return out, lse.reshape(q.shape[1], q.shape[0]).transpose(0, 1)  # varlen lse: (H, total_q)
 
 
+def decode_kernel(model) -> str:
+    """The attention kernel of the model's decode steps (for the engine's description)."""
+    c = model.config.text_config
+    probe = torch.empty((1, 1, _head_dim(c)), device=model.device, dtype=model.dtype)
+    G = c.num_attention_heads // c.num_key_value_heads
+    return f"triton split-KV {splitkv.CONFIG}" if splitkv.usable(probe, G * ROWS_PER_READ) else "torch memory-efficient"
+
+
 def _efficient(q, k, v, cu_q, starts, used, max_q: int, max_k: int, scale, lse_at):
     """The memory-efficient kernel over the same varlen layout (no causal mask), as _flash returns
-    it. Decode uses it: its query blocks are smaller than flash's 128 rows, of which a decode slot
-    fills 4 to 32 (bench/probe-decode-h100.json: 383 vs 471 us a layer on an H100). lse_at: each
-    query's (sequence, index in it): the kernel's lse is (sequences, heads, max_q rounded up)."""
+    it. Decode uses it where hitq.engine.splitkv cannot: its query blocks are smaller than flash's
+    128 rows, of which a decode slot fills 4 to 32 (bench/probe-decode-h100.json: 383 vs 471 us a
+    layer on an H100). lse_at: each query's (sequence, index in it): the kernel's lse is
+    (sequences, heads, max_q rounded up)."""
     out, lse = torch.ops.aten._efficient_attention_forward(q[None], k[None], v[None], None, cu_q, starts, max_q, max_k,
                                                             0.0, 0, True, scale=scale, seqlen_k=used)[:2]
     return out[0], lse[lse_at[0], :, lse_at[1]]
@@ -326,9 +335,10 @@ def slot_tables(owner: torch.Tensor, order: torch.Tensor, R: int) -> tuple[torch
 
 
 def _attend_decode(q, k, v, where: Where, scale) -> torch.Tensor:
-    """One new token per row, all pairs (slot, row: `slots`) in one attention call. The G query
-    heads of each KV head become G query "tokens" of an MHA call, so each K/V block is read once
-    for all of them, and once for all the rows of a slot. Unused slots, which come last, get no
+    """One new token per row, all pairs (slot, row: `slots`) in one attention call (hitq.engine.splitkv
+    on CUDA, else PyTorch's memory-efficient kernel). The G query heads of each KV head become G
+    query "tokens" of an MHA call, so each K/V block is read once for all of them, and once for
+    all the rows of a slot. Unused slots, which come last, get no
     queries, so their thread blocks return at once (with G queries each, 512 idle slots cost
     4 ms a step on an H200: bench/probe-group-h200.json)."""
     R, Hq, _, D = q.shape
@@ -342,8 +352,11 @@ def _attend_decode(q, k, v, where: Where, scale) -> torch.Tensor:
         lse_at = (slot[query // G], index[query // G] * G + query % G)
         where.decode = (cu_pairs * G, lse_at) + slot_tables(owner, order, R)
     cu_q, lse_at, row, table = where.decode
-    packed = q[:, :, 0].reshape(R, Hkv, G, D).transpose(1, 2).reshape(R, G * Hkv * D).index_select(0, row)
-    out, lse = _efficient(packed.view(P * G, Hkv, D), k, v, cu_q, starts, used, G * ROWS_PER_READ, max_k, scale, lse_at)
+    packed = q[:, :, 0].reshape(R, Hkv, G, D).transpose(1, 2).reshape(R, G * Hkv * D).index_select(0, row).view(P * G, Hkv, D)
+    if splitkv.usable(packed, G * ROWS_PER_READ):
+        out, lse = splitkv.attend(packed, k, v, cu_q, starts, used, G * ROWS_PER_READ, scale)
+    else:
+        out, lse = _efficient(packed, k, v, cu_q, starts, used, G * ROWS_PER_READ, max_k, scale, lse_at)
     merged = _merge_into_rows(out.reshape(P, G, Hkv, D), lse.reshape(P, G, Hkv), pairs[0], table)  # (R, G, Hkv, D)
     return merged.transpose(1, 2).reshape(R, 1, Hq * D)
 

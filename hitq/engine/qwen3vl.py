@@ -596,6 +596,7 @@ class TransformersEngine:
             return "model.generate"
         parts = ["shared prefixes", "continuous batching"]
         parts += ["CUDA-graph decode"] if self.cuda_graphs and self.device.type == "cuda" else []
+        parts += [f"decode attention {fastgen.decode_kernel(self.model)}"] if self.model is not None and self.device.type == "cuda" else []
         parts += [f"prefill chunks of {self.prefill_chunk} beside decode steps"] if self.prefill_chunk else []
         parts += [f"long answers paced at {self.decode_share:g} s of decode per s of prefill"] if self.decode_share else []
         return f"fastgen ({', '.join(parts)})"

@@ -116,10 +116,11 @@ def test_fast_path_on_cuda_equals_generate_and_its_cuda_graph_equals_eager_steps
     assert bf16.describe()["generation"].startswith("fastgen")
 
 
-def test_flash_attention_over_the_arena_equals_the_reference_path():
-    """Flash-attention over equal pieces merged into rows (decode) and prefix + causal own region
-    (suffix) against sdpa row by row in float32, on segments scattered through one arena."""
-    from hitq.engine import fastgen
+def test_flash_attention_over_the_arena_equals_the_reference_path(monkeypatch):
+    """Decode attention over equal pieces merged into rows (the Triton kernel, then PyTorch's
+    memory-efficient one) and prefix + causal own region (suffix, flash) against sdpa row by row
+    in float32, on segments scattered through one arena."""
+    from hitq.engine import fastgen, splitkv
 
     torch.manual_seed(0)
     N, Hkv, G, D = 60_000, 8, 4, 128
@@ -134,9 +135,13 @@ def test_flash_attention_over_the_arena_equals_the_reference_path():
     where = fastgen.Where(None, host + [host[-1]], (torch.tensor(starts, **as_int), torch.tensor(used, **as_int),
                                                     torch.tensor(cu_pairs, **as_int), torch.tensor(pairs, device="cuda"), 20_000))
     q = torch.randn(len(host) + 1, Hkv * G, 1, D, device="cuda", dtype=torch.bfloat16)
-    got = fastgen._attend_decode(q, k, v, where, scale).float()
     want = fastgen._attend_reference(q[:-1].float(), k.float(), v.float(), fastgen.Where(None, host), scale)
-    assert (got[:-1] - want).abs().max() < 2e-2 and not got[-1].any()
+    assert splitkv.usable(q, G * fastgen.ROWS_PER_READ) and not splitkv.usable(q[..., :96], G * fastgen.ROWS_PER_READ)
+    for kernel in ("triton", "efficient"):
+        monkeypatch.setenv("HITQ_DECODE_KERNEL", kernel)
+        got = fastgen._attend_decode(q, k, v, where, scale).float()
+        assert (got[:-1] - want).abs().max() < 2e-2 and not got[-1].any(), kernel
+    assert not splitkv.usable(q, G * fastgen.ROWS_PER_READ)  # HITQ_DECODE_KERNEL=efficient
 
     for T in (1, 9):  # a question's suffix can be a single token
         where = fastgen.Where(None, [[(0, 20_000), (30_000, T)], [(40_000, 3_000), (45_000, T)]])
