@@ -60,7 +60,7 @@ def layout(lengths: list[list[int]], S: int, device, dtype, Hkv=8, D=128, G=4, s
         at += n
     pad = S - len(starts)
     assert pad >= 0, "more pieces than slots"
-    starts, used, cu = starts + [total] * pad, used + [1] * pad, cu + cu[-1:] * pad
+    starts, used, cu = starts + [total] * pad + [0], used + [1] * pad, cu + cu[-1:] * pad  # S + 1 starts, as fastgen.slots
     as_int = {"dtype": torch.int32, "device": device}
     q = torch.randn((cu[-1], Hkv, D), generator=g).to(device, dtype)
     return q, k, v, torch.tensor(cu, **as_int), torch.tensor(starts, **as_int), torch.tensor(used, **as_int)
