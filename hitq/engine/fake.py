@@ -68,7 +68,8 @@ class FakeEngine:
     def can_stream(self, settings: GenerationSettings) -> bool:
         return self.streaming
 
-    def stream(self, feed, done, longest: int, images: bool, stopping=lambda: False, started=lambda batch: None) -> list[Prepared]:
+    def stream(self, feed, done, longest: int, images: bool, stopping=lambda: False, started=lambda batch: None,
+               shared=lambda: True) -> list[Prepared]:
         """One request at a time as feed hands them out (see TransformersEngine.stream)."""
         given_back: list[Prepared] = []
         while (batch := feed(True)) is not None:

@@ -686,6 +686,10 @@ class Batch:
         """True once no more groups may start (the worker was asked to stop)."""
         return False
 
+    def shared(self) -> bool:
+        """Whether other workers take groups from the same queue (run paces long answers only then)."""
+        return True
+
     def give_back(self, groups: list[Group]) -> None:
         """Groups that were waiting when `stopping` turned true: never started."""
 
@@ -706,7 +710,8 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
     next group is admitted only once the decode steps since have taken `decode_share` of the time
     the prefills before them took. A long answer's ~2,048 steps then run beside this worker's
     prefills instead of after its last one, so the queue's remaining jobs go to the other workers
-    instead of all of them waiting for this one's tail; 0: one step between admissions.
+    instead of all of them waiting for this one's tail; 0: one step between admissions. Only
+    while `source.shared()`: a worker alone gains nothing from it and pays for more, emptier steps.
     Each row's `timing` gets its group's prefill time and its admission-to-stop time.
     Returns the figures: {"prefill_s", "decode_s", "steps", "mixed_steps", "rows", "positions", "most_live", "seconds",
     "tail_steps", "tail_s"}; the tail is what ran after the last prefill (decode steps alone)."""
@@ -726,8 +731,9 @@ def run(model, source: Batch, positions: int, rows: int, stopper: Stopper, eos_i
         return any(r.limit > LONG_ANSWER for r, *_ in live.values())
 
     def paced() -> bool:
-        """Hold admissions: decode time is owed, a long answer is live and none waits."""
-        return owed > 0 and long_live() and max(r.limit for r in pending[0].rows) <= LONG_ANSWER
+        """Hold admissions: decode time is owed, a long answer is live, none waits, and other
+        workers share the queue (alone, pacing only adds steps)."""
+        return owed > 0 and long_live() and max(r.limit for r in pending[0].rows) <= LONG_ANSWER and source.shared()
 
     def release(r: Row, own: int, g: Group) -> None:
         arena.give(own, g.own(r))

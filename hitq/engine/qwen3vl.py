@@ -557,20 +557,22 @@ class TransformersEngine:
 
     def stream(self, feed: Callable[[bool], list[Prepared] | None], done: Callable[[Prepared, Output | EngineOOM], None],
                longest: int, images: bool, stopping: Callable[[], bool] = lambda: False,
-               started: Callable[[list[Prepared]], None] = lambda batch: None) -> list[Prepared]:
+               started: Callable[[list[Prepared]], None] = lambda batch: None,
+               shared: Callable[[], bool] = lambda: True) -> list[Prepared]:
         """Greedy requests as they come, through one arena for the whole stream: `feed(idle)`
         returns new requests ([] for none yet; with idle=True it waits), None when there are no
         more; `started(requests)` hears of requests as they stop waiting (their prefill begins, or
         they are refused as larger than the arena); `done(request, Output or EngineOOM)` gets each
         request when it stops, the EngineOOM when the request alone is larger than the arena. The
         arena is sized for prompts of up to `longest` tokens (with `images`, transformers' prefill
-        workspace). Once `stopping()`, no request is started; the stream ends when the live ones
+        workspace). `shared()`: other workers take jobs from the same queue (long answers are
+        paced only then: fastgen.run's decode_share). Once `stopping()`, no request is started; the stream ends when the live ones
         stop, and returns the requests it gives back unstarted. An out-of-memory error ends the
         stream as EngineOOM; requests not yet done are then the caller's to retry."""
         from hitq.engine import fastgen, planner
 
         budget = planner.device_budget(self.model, self.device, self.max_batch_rows, self.kv_budget_tokens, images)
-        source = _Stream(self, feed, done, stopping, started)
+        source = _Stream(self, feed, done, stopping, started, shared)
         stopper = fastgen.Stopper(self.tokenizer, self.eos_ids, answer_complete)
 
         def run() -> dict:
@@ -592,13 +594,16 @@ class TransformersEngine:
         return Output(r.prepared.key, self.tokenizer.decode(r.ids, skip_special_tokens=True), len(r.ids), seconds, extra)
 
     def _generation(self) -> str:
+        from hitq.engine import fastgen
+
         if not self.fast:
             return "model.generate"
         parts = ["shared prefixes", "continuous batching"]
         parts += ["CUDA-graph decode"] if self.cuda_graphs and self.device.type == "cuda" else []
         parts += [f"decode attention {fastgen.decode_kernel(self.model)}"] if self.model is not None and self.device.type == "cuda" else []
         parts += [f"prefill chunks of {self.prefill_chunk} beside decode steps"] if self.prefill_chunk else []
-        parts += [f"long answers paced at {self.decode_share:g} s of decode per s of prefill"] if self.decode_share else []
+        parts += [f"long answers paced at {self.decode_share:g} s of decode per s of prefill while other workers share the run"
+                  ] if self.decode_share else []
         return f"fastgen ({', '.join(parts)})"
 
     def describe(self) -> dict:
@@ -626,8 +631,8 @@ class TransformersEngine:
 class _Stream:
     """TransformersEngine.stream's source for fastgen.run (see fastgen.Batch)."""
 
-    def __init__(self, engine: TransformersEngine, feed, done, stopping, on_start):
-        self.engine, self.feed, self.done, self.stopping, self.on_start = engine, feed, done, stopping, on_start
+    def __init__(self, engine: TransformersEngine, feed, done, stopping, on_start, shared):
+        self.engine, self.feed, self.done, self.stopping, self.on_start, self.shared = engine, feed, done, stopping, on_start, shared
         self.given_back: list = []
 
     def more(self, idle: bool):

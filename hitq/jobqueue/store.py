@@ -345,6 +345,16 @@ class Queue:
         """Pending jobs: what the next claims can take (a stream's lots shrink near the end)."""
         return self._count(run_ids, ["pending"])
 
+    @retried
+    def held_by_others(self, worker: str, run_ids: list[int] | None) -> int:
+        """Jobs running under another worker's live lease: whether this worker shares its runs
+        (a stream paces its long answers only then)."""
+        q = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == "running", jobs.c.lease_owner != worker)
+        if run_ids is not None:
+            q = q.where(jobs.c.run_id.in_(run_ids))
+        with self._reading() as conn:
+            return conn.execute(q.where(jobs.c.lease_expires_at >= self._now(conn))).scalar_one()
+
     def unfinished(self, run_ids: list[int] | None) -> int:
         """Jobs that are pending or running: a draining worker stops when this reaches zero."""
         return self._count(run_ids, ["pending", "running"])

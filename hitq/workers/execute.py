@@ -118,7 +118,7 @@ class Executor:
             return None
 
         feeder = Feeder(claim_lot, prepare, lot, batch, lambda: stopping() or aborted.is_set(),
-                        lambda: self.queue.unclaimed([self.run.id]))
+                        lambda: self.queue.unclaimed([self.run.id]), lambda: self.queue.held_by_others(self.worker, [self.run.id]))
 
         def give_back(jobs: list[Job]) -> None:
             if jobs:
@@ -146,7 +146,7 @@ class Executor:
         try:
             unstarted = self.engine.stream(feed, done, self.config.max_input_tokens, self.config.modality != "text",
                                            lambda: stopping() or aborted.is_set(),
-                                           lambda requests: feeder.started(len(requests)))
+                                           lambda requests: feeder.started(len(requests)), lambda: feeder.shared)
             give_back([fed.pop(p.key).job for p in unstarted])
         except EngineOOM as e:  # the stream ran out of memory: what it held goes the one-batch way
             log.warning("stream: %s: %d requests continue in batches", e, len(fed), extra={"action": "oom_split"})

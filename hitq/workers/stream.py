@@ -32,12 +32,15 @@ def lots(jobs: list, size: int) -> list[list]:
 
 class Feeder(threading.Thread):
     def __init__(self, claim: Callable[[int], list], prepare: Callable[[object], object | None],
-                 lot: int, backlog: int, stopping: Callable[[], bool], unclaimed: Callable[[], int] | None = None):
+                 lot: int, backlog: int, stopping: Callable[[], bool], unclaimed: Callable[[], int] | None = None,
+                 others: Callable[[], int] | None = None):
         """claim(n) -> up to n jobs ([] when none are left); prepare(job) -> a prepared Item, or
-        None when the job failed (recorded by `prepare`); unclaimed() -> jobs nobody has claimed."""
+        None when the job failed (recorded by `prepare`); unclaimed() -> jobs nobody has claimed;
+        others() -> jobs other workers hold, asked before each claim (`shared`)."""
         super().__init__(daemon=True, name="hitq-feeder")
         self.claim, self.prepare, self.lot, self.backlog, self.stopping = claim, prepare, lot, backlog, stopping
-        self.unclaimed = unclaimed
+        self.unclaimed, self.others = unclaimed, others
+        self.shared = True  # other workers held jobs of the run at the last claim (True when not told)
         self.ready: queue.Queue = queue.Queue()
         self.unfinished = 0  # claimed, not yet finished or given back
         self.unstarted = 0  # prepared and queued, not yet started by the engine
@@ -64,6 +67,8 @@ class Feeder(threading.Thread):
                 with self.room:
                     while (self.unfinished >= self.backlog or self.unstarted >= lot) and not self.stopping():
                         self.room.wait(0.5)
+                if self.others is not None:
+                    self.shared = self.others() > 0
                 new = [] if self.stopping() else self.claim(lot)
                 with self.lock:
                     self.unfinished += len(new)

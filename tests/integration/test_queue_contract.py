@@ -40,6 +40,9 @@ def test_claim_orders_by_prefix_group_and_bumps_fence(queue):
     assert all(j.fence == 1 and j.attempts == 1 for j in jobs)
     assert queue.stats(run)["counts"] == {"pending": 8, "running": 4, "done": 0, "error": 0}
     assert queue.unclaimed([run.id]) == 8 and queue.unfinished([run.id]) == 12
+    assert queue.held_by_others("w1", [run.id]) == 0 and queue.held_by_others("w2", [run.id]) == 4
+    queue.claim("w2", 4, -1, [run.id])  # an expired lease: a dead worker's jobs are nobody's
+    assert queue.held_by_others("w1", [run.id]) == 0 and queue.held_by_others("w1", [run.id + 1]) == 0
 
 
 def test_a_claim_takes_the_priority_groups_first_and_whole(queue):

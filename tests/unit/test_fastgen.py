@@ -235,12 +235,17 @@ def test_prefill_chunks_beside_decode_steps_give_the_same_tokens(engines):
     assert max(o.extra["mixed_steps"] for o in got) >= 2  # a first and a later chunk ran beside decode steps
 
 
-def _run_paced(fast, batch, share):
+class _Alone(fastgen.Batch):
+    def shared(self) -> bool:
+        return False
+
+
+def _run_paced(fast, batch, share, source=fastgen.Batch):
     """fastgen.run over the batch (each row forced to its limit); returns the rows."""
     rows = [fastgen.Row(p, 30 if p.key == 20 else 3, forced=True) for p in batch]
     stopper = fastgen.Stopper(fast.tokenizer, fast.eos_ids, lambda text: False)
     with torch.inference_mode():
-        figures = fastgen.run(fast.model, fastgen.Batch(fastgen.make_groups(rows, fast.image_token_id)), 4000, 8, stopper,
+        figures = fastgen.run(fast.model, source(fastgen.make_groups(rows, fast.image_token_id)), 4000, 8, stopper,
                               fast.eos_ids, fast.device, fastgen.cache_kwarg(fast.model), lambda: None, False, decode_share=share)
     return rows, figures
 
@@ -248,12 +253,15 @@ def _run_paced(fast, batch, share):
 def test_a_paced_long_answer_decodes_beside_the_prefills_with_the_same_tokens(engines, monkeypatch):
     """decode_share: while a long answer is live, the next group waits until the decode steps have
     had their share of the time; without it every group is admitted first and the long answer's
-    steps trail after the last prefill. The tokens are the same either way."""
+    steps trail after the last prefill. The tokens are the same either way. A source that no
+    other worker shares is not paced."""
     fast, slow, picture = engines
     monkeypatch.setattr(fastgen, "LONG_ANSWER", 16)  # the 30-token answer of request 20 is long
     batch = [p for p in _requests(fast, picture) if p.prefix_key != "image"]
     (plain, plain_figures), (paced, paced_figures) = (_run_paced(fast, batch, share) for share in (0.0, 10.0))
     assert [r.ids for r in paced] == [r.ids for r in plain]
+    alone, alone_figures = _run_paced(fast, batch, 10.0, _Alone)
+    assert [r.ids for r in alone] == [r.ids for r in plain] and alone_figures["tail_steps"] == 29
 
     def long_done_before_last_admission(rows):
         long = next(r for r in rows if r.limit == 30)

@@ -108,9 +108,13 @@ def test_lots_shrink_near_the_end_of_the_queue():
         lots.append(len(got))
         return got
 
-    feeder = Feeder(claim, lambda job: job, lot=8, backlog=100, stopping=lambda: False, unclaimed=lambda: len(jobs))
+    others = iter([3, 0])  # other workers' jobs, asked before each claim: then none
+    feeder = Feeder(claim, lambda job: job, lot=8, backlog=100, stopping=lambda: False, unclaimed=lambda: len(jobs),
+                    others=lambda: next(others, 0))
+    assert feeder.shared  # until told
     feeder.start()
     entries = _drain(feeder)
     feeder.join()
     assert sorted(j.id for items in entries for j in items) == list(range(40))
     assert lots[0] == 40 // SHARE and lots == sorted(lots, reverse=True) and lots[-2:] == [1, 0]
+    assert not feeder.shared
