@@ -22,7 +22,7 @@ try:
 except ImportError:  # CPU-only or Windows builds of torch come without Triton
     triton = None
 
-CONFIG = (64, 4, 2)  # K/V positions a block, warps, pipeline stages (bench/probe_decode_kernel.py)
+CONFIG = (128, 4, 2)  # K/V positions a block, warps, pipeline stages: the best of bench/probe-decode-kernel-h100.json
 LOG2E = 1.4426950408889634
 
 
