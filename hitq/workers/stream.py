@@ -8,7 +8,9 @@ it has not started: when the queue runs dry, the others are not left idle while 
 a hoard. Near the end of the queue a lot is at most 1/SHARE of the jobs nobody has claimed (down
 to one job), so the workers' last jobs split evenly. The claim completes the lot's last prefix
 group (Queue.claim's `group_rest`), and a lot goes to the engine as one piece, so each group is
-prefilled once. Errors of the thread (the database away) reach the main thread at its next `take`.
+prefilled once. Before each claim it also asks whether other workers hold jobs of the run
+(`shared`): the engine paces its long answers only then. Errors of the thread (the database
+away) reach the main thread at its next `take`.
 """
 from __future__ import annotations
 
