@@ -296,3 +296,13 @@ def test_huge_jpeg_decodes_at_reduced_size_to_the_same_size(tmp_path, monkeypatc
     fast, before, after = load_image(path, LIMITS)
     assert fast.size == normal.size and fast.mode == "RGB"
     assert before == 6_000_000 and after == fast.size[0] * fast.size[1] <= LIMITS.max_pixels
+
+
+def test_the_fast_paths_description_names_its_decode_kernel_and_pacing(tiny_dir, monkeypatch):
+    """describe()["generation"] as a CUDA engine words it (the CPU model stands in: its decode
+    kernel is PyTorch's, as on a card without Triton)."""
+    engine = TransformersEngine(tiny_dir, fast=True)
+    monkeypatch.setattr(engine, "device", torch.device("cuda"))
+    words = engine._generation()
+    assert "decode attention torch memory-efficient" in words and "CUDA-graph decode" in words
+    assert "paced at 1 s of decode per s of prefill while other workers share the run" in words
