@@ -282,9 +282,9 @@ def _flash(q, k, v, cu_q, starts, used, max_q: int, max_k: int, causal: bool, sc
 def decode_kernel(model) -> str:
     """The attention kernel of the model's decode steps (for the engine's description)."""
     c = model.config.text_config
-    probe = torch.empty((1, 1, _head_dim(c)), device=model.device, dtype=model.dtype)
     G = c.num_attention_heads // c.num_key_value_heads
-    return f"triton split-KV {splitkv.CONFIG}" if splitkv.usable(probe, G * ROWS_PER_READ) else "torch memory-efficient"
+    return (f"triton split-KV {splitkv.CONFIG}" if splitkv.usable(model.device, _head_dim(c), G * ROWS_PER_READ)
+            else "torch memory-efficient")
 
 
 def _efficient(q, k, v, cu_q, starts, used, max_q: int, max_k: int, scale, lse_at):
@@ -335,25 +335,28 @@ def slot_tables(owner: torch.Tensor, order: torch.Tensor, R: int) -> tuple[torch
 
 
 def _attend_decode(q, k, v, where: Where, scale) -> torch.Tensor:
-    """One new token per row, all pairs (slot, row: `slots`) in one attention call (hitq.engine.splitkv
-    on CUDA, else PyTorch's memory-efficient kernel). The G query heads of each KV head become G
-    query "tokens" of an MHA call, so each K/V block is read once for all of them, and once for
-    all the rows of a slot. Unused slots, which come last, get no
-    queries, so their thread blocks return at once (with G queries each, 512 idle slots cost
-    4 ms a step on an H200: bench/probe-group-h200.json)."""
+    """One new token per row, all pairs (slot, row: `slots`) in one attention call
+    (hitq.engine.splitkv on CUDA, else PyTorch's memory-efficient kernel). The G query heads of
+    each KV head become G query "tokens" of an MHA call, so each K/V block is read once for all
+    of them, and once for all the rows of a slot. Unused slots, which come last, get no queries,
+    so their thread blocks return at once (with G queries each, 512 idle slots cost 4 ms a step
+    on an H200: bench/probe-group-h200.json)."""
     R, Hq, _, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     starts, used, cu_pairs, pairs, max_k = where.slots
     P = pairs.shape[1]
+    by_triton = splitkv.usable(q.device, D, G * ROWS_PER_READ)
     if where.decode is None:  # the same for every layer
         owner, order, slot, index = pairs
-        query = torch.arange(P * G, device=q.device)
-        lse_at = (slot[query // G], index[query // G] * G + query % G)
+        lse_at = None  # where PyTorch's kernel puts each query's log-sum-exp (Triton's are in order)
+        if not by_triton:
+            query = torch.arange(P * G, device=q.device)
+            lse_at = (slot[query // G], index[query // G] * G + query % G)
         where.decode = (cu_pairs * G, lse_at) + slot_tables(owner, order, R)
     cu_q, lse_at, row, table = where.decode
     packed = q[:, :, 0].reshape(R, Hkv, G, D).transpose(1, 2).reshape(R, G * Hkv * D).index_select(0, row).view(P * G, Hkv, D)
-    if splitkv.usable(packed, G * ROWS_PER_READ):
+    if by_triton:
         out, lse = splitkv.attend(packed, k, v, cu_q, starts, used, G * ROWS_PER_READ, scale)
     else:
         out, lse = _efficient(packed, k, v, cu_q, starts, used, G * ROWS_PER_READ, max_k, scale, lse_at)

@@ -566,8 +566,8 @@ class TransformersEngine:
         request when it stops, the EngineOOM when the request alone is larger than the arena. The
         arena is sized for prompts of up to `longest` tokens (with `images`, transformers' prefill
         workspace). `shared()`: other workers take jobs from the same queue (long answers are
-        paced only then: fastgen.run's decode_share). Once `stopping()`, no request is started; the stream ends when the live ones
-        stop, and returns the requests it gives back unstarted. An out-of-memory error ends the
+        paced only then: fastgen.run's decode_share). Once `stopping()`, no request is started;
+        the stream ends when the live ones stop, and returns the requests it gives back unstarted. An out-of-memory error ends the
         stream as EngineOOM; requests not yet done are then the caller's to retry."""
         from hitq.engine import fastgen, planner
 

@@ -26,12 +26,11 @@ CONFIG = (128, 4, 2)  # K/V positions a block, warps, pipeline stages: the best 
 LOG2E = 1.4426950408889634
 
 
-def usable(q: torch.Tensor, max_q: int) -> bool:
-    """Whether this kernel serves the call: Triton present, a CUDA tensor, a power-of-two head
-    size (tl.arange), and not turned off by HITQ_DECODE_KERNEL=efficient."""
-    D = q.shape[-1]
-    return (triton is not None and q.is_cuda and D >= 16 and D & (D - 1) == 0 and max_q <= 128
-            and os.environ.get("HITQ_DECODE_KERNEL", "triton") != "efficient")
+def usable(device: torch.device, head_dim: int, max_q: int) -> bool:
+    """Whether this kernel serves decode attention on `device`: Triton present, CUDA, a
+    power-of-two head size (tl.arange), and not turned off by HITQ_DECODE_KERNEL=efficient."""
+    return (triton is not None and device.type == "cuda" and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+            and max_q <= 128 and os.environ.get("HITQ_DECODE_KERNEL", "triton") != "efficient")
 
 
 def attend(q, k, v, cu_q, starts, used, max_q: int, scale: float, config: tuple = CONFIG):

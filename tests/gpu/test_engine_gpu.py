@@ -136,12 +136,12 @@ def test_flash_attention_over_the_arena_equals_the_reference_path(monkeypatch):
                                                     torch.tensor(cu_pairs, **as_int), torch.tensor(pairs, device="cuda"), 20_000))
     q = torch.randn(len(host) + 1, Hkv * G, 1, D, device="cuda", dtype=torch.bfloat16)
     want = fastgen._attend_reference(q[:-1].float(), k.float(), v.float(), fastgen.Where(None, host), scale)
-    assert splitkv.usable(q, G * fastgen.ROWS_PER_READ) and not splitkv.usable(q[..., :96], G * fastgen.ROWS_PER_READ)
+    assert splitkv.usable(q.device, D, G * fastgen.ROWS_PER_READ) and not splitkv.usable(q.device, 96, G * fastgen.ROWS_PER_READ)
     for kernel in ("triton", "efficient"):
         monkeypatch.setenv("HITQ_DECODE_KERNEL", kernel)
         got = fastgen._attend_decode(q, k, v, where, scale).float()
         assert (got[:-1] - want).abs().max() < 2e-2 and not got[-1].any(), kernel
-    assert not splitkv.usable(q, G * fastgen.ROWS_PER_READ)  # HITQ_DECODE_KERNEL=efficient
+    assert not splitkv.usable(q.device, D, G * fastgen.ROWS_PER_READ)  # HITQ_DECODE_KERNEL=efficient
 
     for T in (1, 9):  # a question's suffix can be a single token
         where = fastgen.Where(None, [[(0, 20_000), (30_000, T)], [(40_000, 3_000), (45_000, T)]])

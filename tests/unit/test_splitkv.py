@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 CHECK = r"""
 import json, torch
 from hitq.engine import fastgen, splitkv
-splitkv.usable = lambda q, max_q: True  # CPU tensors: the interpreter runs the kernel
+splitkv.usable = lambda device, head_dim, max_q: True  # CPU tensors: the interpreter runs the kernel
 torch.manual_seed(0)
 N, Hkv, G, D = 400, 2, 4, 16
 k, v = torch.randn(N, Hkv, D), torch.randn(N, Hkv, D)
